@@ -1,0 +1,103 @@
+"""Fast vectorised PyTorch implementations, used on CPU when Triton is not interpreting.
+
+Inputs are already validated. These serve the engine on machines without a GPU, so they
+favour few large torch calls over the clarity of ``cbkernels.reference``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def slots_for(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Physical slot of every (sequence, position) pair, packed in sequence order: [sum(seq_lens)]."""
+    lens = seq_lens.to(torch.int64)
+    seq_ids = torch.repeat_interleave(torch.arange(lens.shape[0], device=lens.device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    positions = torch.arange(seq_ids.shape[0], device=lens.device) - starts[seq_ids]
+    blocks = block_tables[seq_ids, positions // block_size].to(torch.int64)
+    return blocks * block_size + positions % block_size
+
+
+def scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    row_shape = k_cache.shape[2:]
+    keep = slot_mapping >= 0
+    slots = slot_mapping.to(torch.int64)
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    k_cache.view(-1, *row_shape).index_copy_(0, slots, key)
+    v_cache.view(-1, *row_shape).index_copy_(0, slots, value)
+
+
+def gather_kv(k_cache, v_cache, block_tables, seq_lens):
+    row_shape = k_cache.shape[2:]
+    slots = slots_for(block_tables, seq_lens, k_cache.shape[1])
+    keys = k_cache.view(-1, *row_shape).index_select(0, slots)
+    values = v_cache.view(-1, *row_shape).index_select(0, slots)
+    cu = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=k_cache.device)
+    cu[1:] = torch.cumsum(seq_lens, 0)
+    return keys, values, cu
+
+
+def copy_blocks(k_cache, v_cache, block_mapping) -> None:
+    src, dst = block_mapping[:, 0].to(torch.int64), block_mapping[:, 1].to(torch.int64)
+    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+
+def _history(cache: torch.Tensor, table_row: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[Hkv, L, D] view-gather of one sequence's keys or values."""
+    block_size = cache.shape[1]
+    n_blocks = -(-kv_len // block_size)
+    rows = cache.index_select(0, table_row[:n_blocks].to(torch.int64))
+    return rows.flatten(0, 1)[:kv_len].transpose(0, 1)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, *,
+                    scale, sliding_window, softcap, sinks) -> None:
+    """Per-sequence attention into ``out`` [T, Hq, D] (and ``lse`` [T, Hq] when given).
+
+    Plain causal attention goes through SDPA; softcap, sinks or lse use explicit fp32 math.
+    """
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    explicit = softcap is not None or sinks is not None or lse is not None
+    cu = cu_seqlens_q.tolist()
+    for b, kv_len in enumerate(seq_lens.tolist()):
+        start, end = cu[b], cu[b + 1]
+        n_rows = end - start
+        if n_rows == 0:
+            continue
+        keys = _history(k_cache, block_tables[b], kv_len)  # [Hkv, L, D]
+        values = _history(v_cache, block_tables[b], kv_len)
+        queries = q[start:end].transpose(0, 1)  # [Hq, Lq, D]
+        mask = None
+        if n_rows > 1 or sliding_window is not None:
+            q_pos = torch.arange(kv_len - n_rows, kv_len, device=q.device)[:, None]
+            k_pos = torch.arange(kv_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+        if not explicit:
+            res = F.scaled_dot_product_attention(
+                queries.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask, scale=scale, enable_gqa=group > 1,
+            )[0]
+            out[start:end] = res.transpose(0, 1)
+            continue
+        keys_f = keys.float().repeat_interleave(group, 0)
+        values_f = values.float().repeat_interleave(group, 0)
+        logits = torch.matmul(queries.float(), keys_f.transpose(1, 2)) * scale  # [Hq, Lq, L]
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        denom = logits
+        if sinks is not None:
+            sink = sinks.float().view(-1, 1, 1).expand(-1, n_rows, 1)
+            denom = torch.cat([logits, sink], dim=-1)
+        row_lse = torch.logsumexp(denom, dim=-1)  # [Hq, Lq]
+        probs = torch.exp(logits - row_lse[..., None])
+        out[start:end] = torch.matmul(probs, values_f).transpose(0, 1).to(out.dtype)
+        if lse is not None:
+            lse[start:end] = row_lse.transpose(0, 1)

@@ -1,0 +1,189 @@
+"""Public kernel entry points: validate, then dispatch to a backend.
+
+* CUDA tensors -> the compiled Triton kernels;
+* CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernels, interpreted;
+* CPU tensors otherwise -> the vectorised PyTorch path in ``cbkernels._torch_ops``.
+
+Each entry point is a ``torch.library.custom_op`` with a fake implementation, so models
+calling it compile under ``torch.compile`` without graph breaks. Outputs are allocated by
+the Python wrapper and filled in place by the op, which keeps the op graph-capturable.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from . import _torch_ops
+from ._validation import (
+    check_copy_blocks,
+    check_gather_kv,
+    check_paged_attention,
+    check_scatter_kv,
+)
+
+
+def _interpreting() -> bool:
+    from cbkernels.kernels._common import interpreting
+
+    return interpreting()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Which backend a tensor on this device runs: Triton (compiled or interpreted) or torch."""
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+def _kernel_module(name: str):
+    # Imported on first use so that TRITON_INTERPRET, read when @triton.jit runs, can still be
+    # set after ``import cbkernels``.
+    return importlib.import_module(f"cbkernels.kernels.{name}")
+
+
+# --------------------------------------------------------------------------- scatter_kv
+@torch.library.custom_op("cbkernels::scatter_kv", mutates_args=("k_cache", "v_cache"))
+def _scatter_kv_op(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if use_triton(k_cache):
+        _kernel_module("kv_cache").launch_scatter_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        _torch_ops.scatter_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+@_scatter_kv_op.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+def scatter_kv(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int32/int64; slot = block * block_size + offset, < 0 skips
+) -> None:
+    """Write each new key/value row into its cache slot, in place."""
+    check_scatter_kv(key, value, k_cache, v_cache, slot_mapping)
+    _scatter_kv_op(key, value, k_cache, v_cache, slot_mapping)
+
+
+# --------------------------------------------------------------------------- gather_kv
+@torch.library.custom_op("cbkernels::gather_kv", mutates_args=())
+def _gather_kv_op(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(k_cache):
+        return _kernel_module("kv_cache").launch_gather_kv(k_cache, v_cache, block_tables, seq_lens)
+    return _torch_ops.gather_kv(k_cache, v_cache, block_tables, seq_lens)
+
+
+@_gather_kv_op.register_fake
+def _(k_cache, v_cache, block_tables, seq_lens):
+    total = torch.library.get_ctx().new_dynamic_size()
+    shape = (total, k_cache.shape[2], k_cache.shape[3])
+    cu = seq_lens.new_empty((seq_lens.shape[0] + 1,), dtype=torch.int32)
+    return k_cache.new_empty(shape), v_cache.new_empty(shape), cu
+
+
+def gather_kv(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32/int64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy each sequence's KV history out of the cache: ``keys, values [sum(seq_lens), Hkv, D]``
+    packed in sequence order, and ``cu_seqlens_k [B + 1] int32``."""
+    check_gather_kv(k_cache, v_cache, block_tables, seq_lens)
+    return _gather_kv_op(k_cache, v_cache, block_tables, seq_lens)
+
+
+# --------------------------------------------------------------------------- copy_blocks
+@torch.library.custom_op("cbkernels::copy_blocks", mutates_args=("k_cache", "v_cache"))
+def _copy_blocks_op(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    if use_triton(k_cache):
+        _kernel_module("kv_cache").launch_copy_blocks(k_cache, v_cache, block_mapping)
+    else:
+        _torch_ops.copy_blocks(k_cache, v_cache, block_mapping)
+
+
+@_copy_blocks_op.register_fake
+def _(k_cache, v_cache, block_mapping) -> None:
+    return None
+
+
+def copy_blocks(
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_mapping: torch.Tensor,  # [N, 2] int; rows of (src, dst)
+) -> None:
+    """Copy whole physical blocks src -> dst in both caches (copy-on-write of shared blocks)."""
+    check_copy_blocks(k_cache, v_cache, block_mapping)
+    _copy_blocks_op(k_cache, v_cache, block_mapping)
+
+
+# --------------------------------------------------------------------------- paged_attention
+@torch.library.custom_op("cbkernels::paged_attention", mutates_args=("out", "lse"))
+def _paged_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
+    scale: float, sliding_window: Optional[int], softcap: Optional[float], sinks: Optional[torch.Tensor],
+    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+) -> None:
+    if use_triton(q):
+        _kernel_module("paged_attention").launch_paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse,
+            scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )
+    else:
+        _torch_ops.paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse,
+            scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+        )
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale, sliding_window,
+      softcap, sinks, max_seqlen_q, max_seqlen_k) -> None:
+    return None
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int; KV length of each sequence, new tokens included
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int; sequence b owns q rows cu[b]:cu[b+1]
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [Hq]
+    out: torch.Tensor | None = None,  # [T, Hq, D]
+    return_lse: bool = False,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+):
+    """Causal paged attention over a mixed batch of decodes, chunked and whole prefills.
+
+    Returns ``out [T, Hq, D]``, and ``lse [T, Hq]`` fp32 (natural log of the softmax
+    denominator, sinks included) when ``return_lse``. See DESIGN.md for the full contract.
+    """
+    check_paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
+        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    _paged_attention_op(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale,
+        sliding_window, None if softcap is None else float(softcap), sinks, max_seqlen_q, max_seqlen_k,
+    )
+    return (out, lse) if return_lse else out

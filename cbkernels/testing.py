@@ -1,0 +1,121 @@
+"""Test utilities: one per-dtype tolerance table, one ``assert_close``, and builders of
+poisoned, fragmented paged caches that make any stray read visible as NaN.
+
+Public so that downstream users can check their own kernels the same way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Largest element-wise error accepted against a float64 reference, used as both atol and rtol.
+# fp32: accumulation-order noise only. fp16: ~10 ulps at 1.0 (ulp 2**-10 ~ 1e-3).
+# bf16: ~4 ulps at 1.0 (ulp 2**-7 ~ 7.8e-3); also covers the interpreter's bf16 emulation
+# (TRITON_ON_CPU.md: tolerance >= 1.6e-2).
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float32: 2e-3,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Compare in float64 with the tolerance of ``dtype`` (default: ``actual.dtype``); NaN never passes."""
+    dtype = actual.dtype if dtype is None else dtype
+    if torch.isnan(actual).any():
+        raise AssertionError(f"result holds {int(torch.isnan(actual).sum())} NaN values")
+    tol = TOLERANCES.get(dtype, 0.0)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-for-bit equality (NaN payloads included): for copies, which must be exact."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a, e = actual.contiguous().view(width), expected.contiguous().view(width)
+    if not torch.equal(a, e):
+        diff = int((a != e).sum())
+        raise AssertionError(f"{diff} of {a.numel()} elements differ bitwise")
+
+
+@dataclass
+class PagedBatch:
+    """A random mixed batch laid out in a paged cache, ready for the attention kernels."""
+
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def make_paged_batch(
+    lengths: list[tuple[int, int]],
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    shared_prefix_blocks: int = 0,
+    seed: int = 0,
+) -> PagedBatch:
+    """Build a poisoned, shuffled paged cache holding ``lengths`` = [(q_len, kv_len), ...].
+
+    * every slot no sequence owns is NaN, and one physical block is never used;
+    * physical blocks are a random permutation, so tables are fragmented and unordered;
+    * block-table entries past each sequence's last block hold garbage (-1, huge, or valid
+      ids of other sequences' blocks);
+    * with ``shared_prefix_blocks = n``, every sequence long enough to cover ``n`` full
+      blocks points its first ``n`` entries at the same physical blocks (prefix sharing).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    blocks_needed = [math.ceil(kv / block_size) for _, kv in lengths]
+    shared = shared_prefix_blocks
+    own = [max(n - shared, 0) if kv >= shared * block_size and shared else n
+           for n, (_, kv) in zip(blocks_needed, lengths)]
+    num_blocks = sum(own) + shared + 1  # +1: a block nobody owns, kept full of NaN
+    perm = torch.randperm(num_blocks, generator=gen)
+    shared_ids, cursor = perm[:shared].tolist(), shared
+    max_blocks = max(blocks_needed + [1]) + 2  # room for garbage past the last entry
+    tables = torch.randint(-5, num_blocks * 4, (len(lengths), max_blocks), generator=gen)
+    tables[tables.abs() % 3 == 0] = -1
+    for b, ((_, kv), n, n_own) in enumerate(zip(lengths, blocks_needed, own)):
+        prefix = shared_ids if n_own != n else []
+        ids = prefix + perm[cursor:cursor + n_own].tolist()
+        cursor += n_own
+        tables[b, :n] = torch.tensor(ids[:n], dtype=tables.dtype)
+
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    written: set[int] = set()
+    for b, (_, kv) in enumerate(lengths):
+        for pos in range(kv):
+            block = int(tables[b, pos // block_size])
+            slot = block * block_size + pos % block_size
+            if slot in written:  # a shared prefix block: its owner already wrote it
+                continue
+            written.add(slot)
+            k_cache[block, pos % block_size] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[block, pos % block_size] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    q_lens = [q for q, _ in lengths]
+    total_q = sum(q_lens)
+    q = torch.randn(total_q, num_q_heads, head_dim, generator=gen).to(dtype)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int64), 0)
+    seq_lens = torch.tensor([kv for _, kv in lengths], dtype=torch.int32)
+    return PagedBatch(
+        q=q.to(device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
+        block_tables=tables.to(torch.int32).to(device), seq_lens=seq_lens.to(device),
+        cu_seqlens_q=cu.to(device), max_seqlen_q=max(q_lens + [0]),
+        max_seqlen_k=max([kv for _, kv in lengths] + [0]),
+    )

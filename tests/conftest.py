@@ -1,0 +1,30 @@
+"""Test setup. On a machine without CUDA the Triton kernels run in Triton's CPU interpreter:
+TRITON_INTERPRET must be set before any @triton.jit function is defined, hence here, first.
+
+Hypothesis profiles: ``ci`` (default, sized to keep the suite within CI's budget) and
+``thorough`` (CBKERNELS_HYPOTHESIS_PROFILE=thorough), which draws many more examples.
+"""
+import os
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two torch threads fighting over a busy 2-core machine made the references 100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_COMMON = dict(
+    deadline=None,  # interpreter timings vary widely
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False,
+    print_blob=True,
+)
+settings.register_profile("ci", max_examples=int(os.environ.get("CBKERNELS_CI_EXAMPLES", 12)), **_COMMON)
+settings.register_profile("thorough", max_examples=300, **_COMMON)
+settings.load_profile(os.environ.get("CBKERNELS_HYPOTHESIS_PROFILE", "ci"))
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
