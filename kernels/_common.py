@@ -23,3 +23,25 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+class AotConfig:
+    """One specialisation of a @triton.jit kernel, for the ahead-of-time compile gate.
+
+    ``signature`` maps every argument to a Triton type ("*fp16", "i32", "constexpr", ...);
+    ``constexprs`` gives the constexpr values; ``divisible`` names the integer arguments the
+    JIT would see as multiples of 16 at run time (every pointer gets that hint automatically,
+    as the JIT gives it to 16-byte-aligned tensors).
+    """
+
+    def __init__(self, name, kernel, signature, constexprs, num_warps, num_stages=1, divisible=()):
+        self.name = name
+        self.kernel = kernel
+        self.signature = signature
+        self.constexprs = constexprs
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+        self.divisible = tuple(divisible)
+
+    def __repr__(self) -> str:
+        return f"AotConfig({self.name}, warps={self.num_warps}, stages={self.num_stages})"

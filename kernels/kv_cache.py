@@ -12,16 +12,19 @@ import triton.language as tl
 
 from cbkernels._validation import check_copy_blocks, check_gather_kv, check_scatter_kv
 
-from ._common import as_bits, next_power_of_2
+from ._common import AotConfig, as_bits, next_power_of_2
 
 # Tokens per program. 16 keeps a tile at <= 8 K elements (16 x 512) so a 4-warp program holds
 # it in 64 registers a thread; larger tiles only raise register pressure for a pure copy.
 COPY_ROWS = 16
-# Row elements per program: one 2 KB (fp32) / 1 KB (fp16) stretch, long enough for 16-byte
-# vector loads on every lane; wider rows are split over grid axis 1.
-COPY_COLS = 512
+# Row elements per program: at most 1 KB of a row (512 fp16 / 256 fp32 elements), long enough
+# for 16-byte vector loads on every lane; wider rows are split over grid axis 1. A 2 KB fp32
+# tile compiled to 180 registers a thread (AOT table) against 86 for 1 KB. Narrow rows use a
+# smaller tile, never below 128 (4 warps x 32 lanes).
+COPY_COLS_MIN, COPY_TILE_BYTES = 128, 1024
 COPY_NUM_WARPS = 4
-# copy_blocks moves a whole block per program along axis 0; chunk the flattened block.
+# copy_blocks: one (src, dst) pair per program along axis 0, the flattened block chunked along
+# axis 1. 4096 elements = 16 per thread at 8 warps: 2-4 vector loads in flight per thread.
 BLOCK_COPY_CHUNK = 4096
 BLOCK_COPY_NUM_WARPS = 8
 
@@ -60,7 +63,7 @@ def _gather_kv_kernel(
     values_ptr,  # [sum(seq_lens), row]
     row_elems,
     block_table_stride,
-    BLOCK_SIZE: tl.constexpr,
+    block_size,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
@@ -72,8 +75,8 @@ def _gather_kv_kernel(
         return
     pos_ok = pos < seq_len
     table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-    blocks = tl.load(table_row + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-    slots = blocks * BLOCK_SIZE + pos % BLOCK_SIZE
+    blocks = tl.load(table_row + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+    slots = blocks * block_size + pos % block_size
     mask = pos_ok[:, None] & (cols < row_elems)[None, :]
     src = slots[:, None] * row_elems + cols[None, :]
     out_rows = tl.load(cu_seqlens_ptr + seq).to(tl.int64) + pos
@@ -101,8 +104,8 @@ def _copy_blocks_kernel(
     tl.store(v_cache_ptr + dst, tl.load(v_cache_ptr + src, mask=mask), mask=mask)
 
 
-def _cols_tile(row_elems: int) -> int:
-    return min(next_power_of_2(row_elems), COPY_COLS)
+def _cols_tile(row_elems: int, element_size: int) -> int:
+    return min(max(next_power_of_2(row_elems), COPY_COLS_MIN), COPY_TILE_BYTES // element_size)
 
 
 def launch_scatter_kv(
@@ -116,7 +119,7 @@ def launch_scatter_kv(
     if num_tokens == 0:
         return
     row_elems = key.shape[1] * key.shape[2]
-    cols = _cols_tile(row_elems)
+    cols = _cols_tile(row_elems, key.element_size())
     grid = (triton.cdiv(num_tokens, COPY_ROWS), triton.cdiv(row_elems, cols))
     _scatter_kv_kernel[grid](
         as_bits(key), as_bits(value), as_bits(k_cache), as_bits(v_cache), slot_mapping,
@@ -142,12 +145,12 @@ def launch_gather_kv(
         return keys, values, cu_seqlens
     longest = int(seq_lens.max())
     row_elems = num_kv_heads * head_dim
-    cols = _cols_tile(row_elems)
+    cols = _cols_tile(row_elems, k_cache.element_size())
     grid = (batch, triton.cdiv(longest, COPY_ROWS), triton.cdiv(row_elems, cols))
     _gather_kv_kernel[grid](
         as_bits(k_cache), as_bits(v_cache), block_tables, seq_lens, cu_seqlens,
         as_bits(keys), as_bits(values), row_elems, block_tables.stride(0),
-        BLOCK_SIZE=block_size, ROWS=COPY_ROWS, COLS=cols, num_warps=COPY_NUM_WARPS,
+        block_size, ROWS=COPY_ROWS, COLS=cols, num_warps=COPY_NUM_WARPS,
     )
     return keys, values, cu_seqlens
 
@@ -160,11 +163,10 @@ def launch_copy_blocks(
     if block_mapping.shape[0] == 0:
         return
     block_elems = k_cache[0].numel()
-    chunk = min(next_power_of_2(block_elems), BLOCK_COPY_CHUNK)
-    grid = (block_mapping.shape[0], triton.cdiv(block_elems, chunk))
+    grid = (block_mapping.shape[0], triton.cdiv(block_elems, BLOCK_COPY_CHUNK))
     _copy_blocks_kernel[grid](
         as_bits(k_cache), as_bits(v_cache), block_mapping, block_elems,
-        CHUNK=chunk, num_warps=BLOCK_COPY_NUM_WARPS,
+        CHUNK=BLOCK_COPY_CHUNK, num_warps=BLOCK_COPY_NUM_WARPS,
     )
 
 
@@ -184,3 +186,38 @@ def copy_blocks(k_cache, v_cache, block_mapping) -> None:
     """Validate, then copy whole blocks ``src -> dst`` for every row of ``block_mapping``."""
     check_copy_blocks(k_cache, v_cache, block_mapping)
     launch_copy_blocks(k_cache, v_cache, block_mapping)
+
+
+def aot_configs() -> list[AotConfig]:
+    """Every specialisation the launchers above can pick (bit widths x index dtypes x tiles)."""
+    configs = []
+    for bits, width in (("i16", 2), ("i32", 4)):  # fp16/bf16 and fp32 caches, as integer views
+        tiles = []
+        cols = COPY_COLS_MIN
+        while cols <= COPY_TILE_BYTES // width:
+            tiles.append(cols)
+            cols *= 2
+        for index in ("i32", "i64"):
+            for cols in tiles:
+                configs.append(AotConfig(
+                    f"scatter_kv[{bits},slot={index},cols={cols}]", _scatter_kv_kernel,
+                    {"key_ptr": f"*{bits}", "value_ptr": f"*{bits}", "k_cache_ptr": f"*{bits}",
+                     "v_cache_ptr": f"*{bits}", "slot_ptr": f"*{index}", "num_tokens": "i32",
+                     "row_elems": "i32", "ROWS": "constexpr", "COLS": "constexpr"},
+                    {"ROWS": COPY_ROWS, "COLS": cols}, COPY_NUM_WARPS, divisible=("row_elems",),
+                ))
+                configs.append(AotConfig(
+                    f"gather_kv[{bits},seq_lens={index},cols={cols}]", _gather_kv_kernel,
+                    {"k_cache_ptr": f"*{bits}", "v_cache_ptr": f"*{bits}", "block_tables_ptr": "*i32",
+                     "seq_lens_ptr": f"*{index}", "cu_seqlens_ptr": "*i32", "keys_ptr": f"*{bits}",
+                     "values_ptr": f"*{bits}", "row_elems": "i32", "block_table_stride": "i32",
+                     "block_size": "i32", "ROWS": "constexpr", "COLS": "constexpr"},
+                    {"ROWS": COPY_ROWS, "COLS": cols}, COPY_NUM_WARPS, divisible=("row_elems", "block_size"),
+                ))
+            configs.append(AotConfig(
+                f"copy_blocks[{bits},mapping={index}]", _copy_blocks_kernel,
+                {"k_cache_ptr": f"*{bits}", "v_cache_ptr": f"*{bits}", "mapping_ptr": f"*{index}",
+                 "block_elems": "i32", "CHUNK": "constexpr"},
+                {"CHUNK": BLOCK_COPY_CHUNK}, BLOCK_COPY_NUM_WARPS, divisible=("block_elems",),
+            ))
+    return configs

@@ -1,0 +1,155 @@
+"""Ahead-of-time compile gate: build every kernel config for real GPUs, no GPU needed.
+
+``python -m cbkernels.aot`` compiles each config that the launchers can pick for sm_80 and
+sm_90, runs Triton's ptxas with ``-v`` for register and spill counts, and prints a table.
+It exits non-zero on a compile error, a register spill, or shared memory over the limit.
+``--json PATH`` also writes the table as JSON.
+
+Must run with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+# Kernel modules under cbkernels.kernels that expose ``aot_configs()``.
+KERNEL_MODULES = ("kv_cache", "paged_attention")
+ARCHS = (80, 90)
+# Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Warp size of every NVIDIA target.
+WARP_SIZE = 32
+
+
+@dataclass
+class CompileResult:
+    kernel: str
+    arch: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    mma_sync: int
+    wgmma: int
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        limit = SHARED_MEMORY_LIMIT[int(self.arch.removeprefix("sm_"))]
+        return not self.error and self.spill_stores == 0 and self.spill_loads == 0 and self.shared_bytes <= limit
+
+
+def _ptxas_counts(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) as ptxas -v reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True,
+        )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip()[-500:])
+    log = proc.stderr + proc.stdout
+    regs = max((int(m) for m in re.findall(r"Used (\d+) registers", log)), default=0)
+    stores = sum(int(m) for m in re.findall(r"(\d+) bytes spill stores", log))
+    loads = sum(int(m) for m in re.findall(r"(\d+) bytes spill loads", log))
+    return regs, stores, loads
+
+
+def compile_config(config, arch: int) -> CompileResult:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(config.signature)
+    hinted = [i for i, n in enumerate(names)
+              if config.signature[n].startswith("*") or n in config.divisible]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
+    base = dict(kernel=config.name, arch=f"sm_{arch}", num_warps=config.num_warps,
+                num_stages=config.num_stages)
+    try:
+        src = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, WARP_SIZE),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        ptx = compiled.asm["ptx"]
+        regs, stores, loads = _ptxas_counts(ptx, arch)
+    except Exception as exc:  # a compile error is a result of the gate, reported per config
+        return CompileResult(**base, registers=0, spill_stores=0, spill_loads=0, shared_bytes=0,
+                             mma_sync=0, wgmma=0, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return CompileResult(
+        **base, registers=regs, spill_stores=stores, spill_loads=loads,
+        shared_bytes=int(compiled.metadata.shared),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+    )
+
+
+def all_configs(modules=KERNEL_MODULES):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
+    for name in modules:
+        module = importlib.import_module(f"cbkernels.kernels.{name}")
+        yield from module.aot_configs()
+
+
+def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True) -> list[CompileResult]:
+    configs = list(all_configs(modules))
+    jobs = [(c, a) for c in configs for a in archs]
+    try:
+        from tqdm import tqdm
+        iterator = tqdm(jobs, desc="compiling", unit="config", disable=not progress, file=sys.stderr)
+    except ImportError:  # tqdm is a dependency; the gate must still run without it
+        iterator = jobs
+    return [compile_config(c, a) for c, a in iterator]
+
+
+def format_table(results: list[CompileResult]) -> str:
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill st/ld", "smem KB", "mma.sync", "wgmma", "status")
+    rows = [header]
+    for r in results:
+        status = "ok" if r.ok else (r.error or "SPILL/SMEM")
+        rows.append((r.kernel, r.arch, str(r.num_warps), str(r.num_stages), str(r.registers),
+                     f"{r.spill_stores}/{r.spill_loads}", f"{r.shared_bytes / 1024:.1f}",
+                     str(r.mma_sync), str(r.wgmma), status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cbkernels.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
+    parser.add_argument("--kernel", action="append", choices=KERNEL_MODULES, help="kernel module (repeatable)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    results = run_gate(tuple(args.arch or ARCHS), tuple(args.kernel or KERNEL_MODULES), progress=not args.quiet)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"ok": r.ok} for r in results], f, indent=1)
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} configs compiled cleanly", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
