@@ -1,0 +1,66 @@
+"""Shared benchmark plumbing: timing, device naming, result files."""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Measured device-to-device copy ceiling of the validation H100 (bytes read + written), GPU.md.
+H100_COPY_CEILING_GBPS = 3000.0
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def result_path(stem: str, suffix: str, out_dir: Path | None = None) -> Path:
+    """bench/results/<stem>-<device>-<date>.<suffix>"""
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"{stem}-{slug(device_name())}-{dt.date.today().isoformat()}.{suffix}"
+
+
+def time_ms(fn, *, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds per call: do_bench on CUDA, wall clock on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    meta = {"device": device_name(), "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds")}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row | meta)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
