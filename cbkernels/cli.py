@@ -1,0 +1,60 @@
+"""The ``cbkernels`` command line.
+
+Errors in what the user typed end with a one-line message and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def _selfcheck(args) -> int:
+    import torch
+
+    from .selfcheck import backend_name, run_selfcheck
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    print(f"cbkernels selfcheck on {args.device}, {DTYPES[args.dtype]}, backend: {backend_name(args.device)}")
+    rows = run_selfcheck(args.device, dtype)
+    width = max(len(r[0]) for r in rows)
+    for name, err, ok in rows:
+        print(f"  {name.ljust(width)}  max |err| vs reference {err:.2e}  {'ok' if ok else 'FAILED'}")
+    failed = [r for r in rows if not r[2]]
+    print("all kernels agree with the reference" if not failed else f"{len(failed)} check(s) FAILED")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbkernels", description="Paged-attention kernels and continuous batching for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("selfcheck", help="run each kernel on random data and compare with the reference")
+    check.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    check.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    check.set_defaults(func=_selfcheck)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"cbkernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
