@@ -1,0 +1,193 @@
+"""Physical block pool with prefix caching, and the per-layer-group block allocators.
+
+``BlockPool`` owns the physical block ids: reference counts, the free list, and the prefix
+cache (hash of a full block, chained with its prefix -> block id) whose unreferenced blocks
+stay reusable until evicted in LRU order. An allocator turns a request's logical blocks into
+physical ones for one kind of layer: ``FullAttentionCacheAllocator`` keeps every block,
+``SlidingAttentionCacheAllocator`` recycles a ring of ``ceil(W / block_size) + 1`` blocks.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from typing import Optional
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+def chain_hash(parent: Optional[int], block_tokens) -> int:
+    """Hash of one full block, chained with the hash of everything before it."""
+    return hash((parent, tuple(block_tokens)))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.block_to_hash: dict[int, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached; LRU first
+
+    def num_free(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
+
+    def take(self) -> int:
+        if self.free_ids:
+            block = self.free_ids.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_to_hash.pop(block)]
+        else:
+            raise OutOfBlocks("no free KV cache block")
+        self.ref_counts[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self.evictable.pop(block, None)
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        if self.ref_counts[block] <= 0:
+            raise RuntimeError(f"block {block} released more often than taken")
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if block in self.block_to_hash:
+                self.evictable[block] = None
+            else:
+                self.free_ids.append(block)
+
+    def lookup(self, block_hash: int) -> Optional[int]:
+        return self.hash_to_block.get(block_hash)
+
+    def register(self, block: int, block_hash: int) -> None:
+        if block_hash in self.hash_to_block or block in self.block_to_hash:
+            return  # the same content is already cached under another block
+        self.hash_to_block[block_hash] = block
+        self.block_to_hash[block] = block_hash
+
+    def is_cached(self, block: int) -> bool:
+        return block in self.block_to_hash
+
+
+class CacheAllocator(ABC):
+    """Logical -> physical blocks of every request, for one group of layers."""
+
+    sliding_window: Optional[int] = None
+
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.tables: dict[str, list[int]] = {}
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.tables.get(request_id, [])
+
+    @abstractmethod
+    def blocks_needed(self, request_id: str, num_computed: int, new_len: int) -> int:
+        """Fresh blocks the request needs so that positions < new_len have a slot."""
+
+    @abstractmethod
+    def allocate_blocks(self, n: int, request_id: str, num_computed: int = 0) -> list[int]:
+        """Append ``n`` logical blocks to the request; returns their physical ids."""
+
+    @abstractmethod
+    def free_blocks(self, request_id: str) -> None:
+        """Give every block of the request back to the pool."""
+
+    def trim(self, request_id: str, num_computed: int) -> None:
+        """Release blocks no future query can see (sliding windows only)."""
+
+    def worst_case_blocks(self, total_len: int) -> int:
+        """Blocks a request of ``total_len`` tokens holds at its peak."""
+        return -(-total_len // self.block_size)
+
+
+class FullAttentionCacheAllocator(CacheAllocator):
+    def blocks_needed(self, request_id, num_computed, new_len):
+        return max(0, -(-new_len // self.block_size) - len(self.block_table(request_id)))
+
+    def allocate_blocks(self, n, request_id, num_computed=0):
+        if n > self.pool.num_free():
+            raise OutOfBlocks(f"request {request_id} needs {n} blocks, {self.pool.num_free()} free")
+        new = [self.pool.take() for _ in range(n)]
+        self.tables.setdefault(request_id, []).extend(new)
+        return new
+
+    def free_blocks(self, request_id):
+        for block in self.tables.pop(request_id, []):
+            self.pool.release(block)
+
+    def adopt(self, request_id: str, block: int) -> None:
+        """Append an already cached block (a prefix-cache hit) to the request."""
+        self.pool.share(block)
+        self.tables.setdefault(request_id, []).append(block)
+
+    def copy_on_write(self, request_id: str, logical: int) -> Optional[tuple[int, int]]:
+        """Before writing into logical block ``logical``: if it is cached (possibly shared),
+        give the request a private copy. Returns (src, dst) for ``copy_blocks``, or None."""
+        table = self.tables[request_id]
+        src = table[logical]
+        if not self.pool.is_cached(src) and self.pool.ref_counts[src] == 1:
+            return None
+        dst = self.pool.take()
+        table[logical] = dst
+        self.pool.release(src)
+        return src, dst
+
+
+class SlidingAttentionCacheAllocator(CacheAllocator):
+    """A request keeps a ring of ``ceil(W / block_size) + 1`` blocks while decoding. A block
+    whose positions all fell out of the window is reused for the next logical block, so the
+    block table keeps stale entries before the window: they point at valid blocks and every
+    kernel masks them out. A long prefill chunk grows the ring for its step; ``trim`` gives
+    the extra blocks back once the chunk is done."""
+
+    def __init__(self, pool: BlockPool, block_size: int, sliding_window: int):
+        super().__init__(pool, block_size)
+        self.sliding_window = sliding_window
+        self.ring_size = -(-sliding_window // block_size) + 1
+        self.held: dict[str, deque[int]] = {}  # logical indices still owned, oldest first
+
+    def _recyclable(self, request_id, num_computed) -> int:
+        first_visible = num_computed - self.sliding_window + 1
+        return sum(1 for lg in self.held.get(request_id, ()) if (lg + 1) * self.block_size <= first_visible)
+
+    def blocks_needed(self, request_id, num_computed, new_len):
+        new = max(0, -(-new_len // self.block_size) - len(self.block_table(request_id)))
+        return max(0, new - self._recyclable(request_id, num_computed))
+
+    def allocate_blocks(self, n, request_id, num_computed=0):
+        table = self.tables.setdefault(request_id, [])
+        held = self.held.setdefault(request_id, deque())
+        first_visible = num_computed - self.sliding_window + 1
+        fresh = max(0, n - self._recyclable(request_id, num_computed))
+        if fresh > self.pool.num_free():
+            raise OutOfBlocks(f"request {request_id} needs {fresh} blocks, {self.pool.num_free()} free")
+        new = []
+        for _ in range(n):
+            if held and (held[0] + 1) * self.block_size <= first_visible:
+                block = table[held.popleft()]
+            else:
+                block = self.pool.take()
+            held.append(len(table))
+            table.append(block)
+            new.append(block)
+        return new
+
+    def trim(self, request_id, num_computed):
+        held = self.held.get(request_id)
+        first_visible = num_computed - self.sliding_window + 1  # of the next query
+        while held and len(held) > self.ring_size and (held[0] + 1) * self.block_size <= first_visible:
+            self.pool.release(self.tables[request_id][held.popleft()])
+
+    def free_blocks(self, request_id):
+        table = self.tables.pop(request_id, [])
+        for logical in self.held.pop(request_id, ()):
+            self.pool.release(table[logical])
+
+    def worst_case_blocks(self, total_len):
+        return min(-(-total_len // self.block_size), self.ring_size)

@@ -1,0 +1,199 @@
+"""``PagedAttentionCache``: the paged K/V tensors of every layer, their allocators, and
+the per-request bookkeeping (prefix-cache matching, copy-on-write, slots, block tables)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .allocators import (  # noqa: F401  (re-exported)
+    BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks,
+    SlidingAttentionCacheAllocator, chain_hash,
+)
+
+# Fallback when the machine's free memory cannot be read (e.g. an exotic OS).
+_UNKNOWN_FREE_BYTES = 4 << 30
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return _UNKNOWN_FREE_BYTES
+
+
+def layer_windows_of(config) -> list[Optional[int]]:
+    """Sliding window of every decoder layer (None: full attention), from ``layer_types``
+    when the config has it, else a model-wide ``sliding_window``."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" and window else None for t in layer_types[:n]]
+    if window and getattr(config, "use_sliding_window", True):
+        return [window] * n
+    return [None] * n
+
+
+class PagedAttentionCache:
+    def __init__(
+        self, num_blocks: int, block_size: int, max_batch_tokens: int, *, num_layers: int = 1,
+        num_kv_heads: int = 1, head_dim: int = 64, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu", layer_windows: Optional[Sequence[Optional[int]]] = None,
+        prefix_caching: bool = True,
+    ):
+        self.num_blocks, self.block_size, self.max_batch_tokens = num_blocks, block_size, max_batch_tokens
+        self.num_layers = num_layers
+        windows = list(layer_windows) if layer_windows is not None else [None] * num_layers
+        self.pool = BlockPool(num_blocks)
+        # One allocator per distinct window; all draw on one shared pool of block ids.
+        self.allocators: list[CacheAllocator] = []
+        self.group_of_layer: list[int] = []
+        index: dict[Optional[int], int] = {}
+        for w in windows:
+            if w not in index:
+                index[w] = len(self.allocators)
+                self.allocators.append(FullAttentionCacheAllocator(self.pool, block_size) if w is None
+                                       else SlidingAttentionCacheAllocator(self.pool, block_size, w))
+            self.group_of_layer.append(index[w])
+        # A ring of recycled blocks cannot be shared, so prefix caching needs full layers only.
+        self.prefix_caching = prefix_caching and all(w is None for w in windows)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device) if num_layers else None
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @classmethod
+    def for_model(cls, model, config) -> "PagedAttentionCache":
+        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        param = next(model.parameters())
+        device = torch.device(config.device) if config.device is not None else param.device
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            per_block = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * param.element_size()
+            budget = min(config.max_cache_bytes, int(config.memory_fraction * free_memory_bytes(device)))
+            # No more than every running request at the model's longest context could use.
+            max_len = getattr(mc, "max_position_embeddings", None) or 8192
+            useful = config.max_num_seqs * -(-max_len // config.block_size)
+            num_blocks = max(1, min(budget // per_block, useful))
+        return cls(num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
+                   num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
+                   layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching)
+
+    # ------------------------------------------------------------------ pool
+    def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def get_num_free_blocks(self) -> int:
+        return self.pool.num_free()
+
+    def num_used_blocks(self) -> int:
+        return sum(1 for r in self.pool.ref_counts if r > 0)
+
+    def occupancy(self) -> float:
+        return self.num_used_blocks() / self.num_blocks
+
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+    def allocate_blocks(self, n: int, request_id: str) -> list[int]:
+        """Append ``n`` blocks to the request in the first layer group (the primitive the
+        scheduler-level ``reserve`` builds on)."""
+        return self.allocators[0].allocate_blocks(n, request_id)
+
+    def free_blocks(self, request_id: str) -> None:
+        for alloc in self.allocators:
+            alloc.free_blocks(request_id)
+
+    # ------------------------------------------------------------------ requests
+    def blocks_needed(self, req, n_tokens: int) -> int:
+        new_len = req.num_computed + n_tokens
+        return sum(a.blocks_needed(req.request_id, req.num_computed, new_len) for a in self.allocators)
+
+    def can_ever_fit(self, total_len: int) -> bool:
+        peak = 0
+        for a in self.allocators:
+            if isinstance(a, SlidingAttentionCacheAllocator):
+                chunk_peak = -(-(a.sliding_window + self.max_batch_tokens) // self.block_size) + 1
+                peak += min(-(-total_len // self.block_size), max(a.ring_size, chunk_peak))
+            else:
+                peak += a.worst_case_blocks(total_len)
+        return peak <= self.num_blocks
+
+    def match_prefix(self, req) -> list[tuple[int, int]]:
+        """Adopt cached blocks for the longest cached prefix of a fresh request. At least one
+        token is left to compute (its logits sample the next token); when that token falls
+        into an adopted block, the block is copied first. Returns (src, dst) copies."""
+        if not self.prefix_caching or req.num_computed or self.allocators[0].block_table(req.request_id):
+            return []
+        alloc: FullAttentionCacheAllocator = self.allocators[0]  # type: ignore[assignment]
+        bs, tokens = self.block_size, req.tokens
+        self.prefix_queried_tokens += len(tokens)
+        parent = None
+        for start in range(0, len(tokens) - bs + 1, bs):
+            h = chain_hash(parent, tokens[start:start + bs])
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            alloc.adopt(req.request_id, block)
+            req.block_hashes.append(h)
+            parent = h
+        hit = min(len(req.block_hashes) * bs, len(tokens) - 1)
+        copies = []
+        if hit < len(req.block_hashes) * bs:
+            req.block_hashes.pop()  # that block gets rewritten: hash it again once full
+            if self.pool.num_free():
+                copies.append(alloc.copy_on_write(req.request_id, hit // bs))
+            else:  # no room for a private copy: drop the block and recompute it
+                self.pool.release(alloc.tables[req.request_id].pop())
+                hit = len(req.block_hashes) * bs
+        req.num_computed = hit
+        req.prefix_hit_tokens += hit
+        self.prefix_hit_tokens += hit
+        return copies
+
+    def reserve(self, req, n_tokens: int) -> None:
+        """Give the request slots for its next ``n_tokens`` tokens (OutOfBlocks if short)."""
+        need = self.blocks_needed(req, n_tokens)
+        if need > self.pool.num_free():
+            raise OutOfBlocks(f"request {req.request_id} needs {need} blocks, {self.pool.num_free()} free")
+        new_len = req.num_computed + n_tokens
+        for a in self.allocators:
+            have = len(a.block_table(req.request_id))
+            missing = -(-new_len // self.block_size) - have
+            if missing > 0:
+                a.allocate_blocks(missing, req.request_id, req.num_computed)
+
+    def commit(self, req) -> None:
+        """After a step computed K/V up to ``req.num_computed``: hash newly full blocks into
+        the prefix cache and trim sliding rings."""
+        for a in self.allocators:
+            a.trim(req.request_id, req.num_computed)
+        if not self.prefix_caching:
+            return
+        table = self.allocators[0].block_table(req.request_id)
+        bs = self.block_size
+        for logical in range(len(req.block_hashes), req.num_computed // bs):
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            h = chain_hash(parent, req.tokens[logical * bs:(logical + 1) * bs])
+            req.block_hashes.append(h)
+            self.pool.register(table[logical], h)
+
+    def release(self, req) -> None:
+        self.free_blocks(req.request_id)
+        req.block_hashes.clear()
+
+    def apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate blocks src -> dst in every layer."""
+        if not copies:
+            return
+        from .ops import copy_blocks
+
+        mapping = torch.tensor(copies, dtype=torch.int64, device=self.kv.device)
+        for layer in range(self.num_layers):
+            copy_blocks(self.kv[layer, 0], self.kv[layer, 1], mapping)

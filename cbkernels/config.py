@@ -1,0 +1,56 @@
+"""``BatchConfig``: every knob of the continuous-batching engine, in one dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCHEDULERS = ("fifo", "prefill_first")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(slots=True)
+class BatchConfig:
+    """Configuration of :class:`cbkernels.Engine`.
+
+    * ``num_blocks``: physical KV blocks per layer; ``None`` sizes the cache from a memory
+      budget (``memory_fraction`` of free memory, capped at ``max_cache_bytes``).
+    * ``max_batch_tokens``: token budget of one step (decodes + prefill chunks); prompts
+      longer than what is left of it are prefilled in chunks (split prefill).
+    * ``max_num_seqs``: at most this many requests run at once.
+    * ``backend``: which attention code the engine runs. ``"auto"`` follows
+      ``cbkernels.ops`` (CUDA -> Triton, CPU -> Triton interpreter if ``TRITON_INTERPRET=1``,
+      else the vectorised PyTorch path); ``"torch"`` forces the PyTorch path on CPU (it is
+      what the engine uses on a laptop even under a test session that interprets Triton);
+      ``"triton"`` forces the public Triton-dispatching ops.
+    * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
+    """
+
+    num_blocks: Optional[int] = None
+    block_size: int = 16
+    max_batch_tokens: int = 1024
+    scheduler: str = "fifo"
+    prefix_caching: bool = True
+    max_num_seqs: int = 64
+    backend: str = "auto"
+    memory_fraction: float = 0.1
+    max_cache_bytes: int = 2 << 30
+    seed: Optional[int] = None
+    device: Optional[torch.device] = None
+
+    def __post_init__(self) -> None:
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")

@@ -1,0 +1,78 @@
+"""transformers integration: ``attn_implementation="cbkernels"``.
+
+``cbkernels_attention`` is registered with transformers' ``AttentionInterface``. Called by
+an engine step (paged metadata in the ``cbkernels_metadata`` kwarg) it scatters the layer's
+new K/V into the paged cache and attends with ``paged_attention``; called without it (plain
+``model.generate()``, a training forward) it is exact dense causal attention through
+transformers' own ``sdpa_attention_forward``, with sdpa's mask builder registered under the
+same name so padded batches stay correct.
+
+transformers' own ``model.generate_batch`` cannot run on these kernels: its continuous
+batching accepts only the names ``"sdpa"``, ``"paged|eager"`` or a name containing
+``"flash"`` (generation/continuous_batching/continuous_api.py), and "flash" names load a
+flash-attn package or Hub kernel and call ``flash_attn_varlen_func`` /
+``flash_attn_with_kvcache`` resolved inside transformers. Its cache also hands the
+attention function a gathered contiguous KV copy (``read_index``) rather than block tables,
+except on a CUDA-only flash decode path. Serving it would mean patching those internals,
+which this package does not do; use ``cbkernels.Engine`` / ``cbkernels.generate_batch``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _torch_ops
+from .model_runner import METADATA_KWARG
+
+NAME = "cbkernels"
+_registered = False
+
+
+def cbkernels_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling=None, **kwargs):
+    meta = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    cache = meta.cache
+    group = meta.groups[cache.group_of_layer[layer]]
+    k_cache, v_cache = cache.layer_cache(layer)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    softcap = kwargs.get("softcap")
+    sinks = getattr(module, "sinks", None)
+    window = group.sliding_window if group.sliding_window is not None else kwargs.get("sliding_window")
+    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, Hkv, D]
+    if meta.backend == "torch":  # slots come from the engine: no validation, no sync
+        row_shape = k_cache.shape[2:]
+        k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
+        v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
+        if softcap is None and sinks is None:
+            return _torch_ops.engine_attention(query, key, value, k_cache, v_cache, meta, group, scale=scale), None
+        q = query[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        _torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                                   out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
+        return out.unsqueeze(0), None
+    from .ops import paged_attention, scatter_kv
+
+    scatter_kv(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
+    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
+    out = paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                          scale=scale, sliding_window=window, softcap=softcap, sinks=sinks,
+                          max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="cbkernels"`` available in transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, cbkernels_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True

@@ -1,0 +1,111 @@
+"""Engine metrics: a snapshot dict (``Engine.metrics()``) and a Prometheus exporter.
+
+Recorded: active and waiting requests, TTFT, inter-token latency (ITL), end-to-end
+latency, generated tokens/s, cache occupancy, prefix-cache hit rate, and the padding a
+padded ``[B, max_len]`` batch would have computed that the packed batches did not.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else None
+
+
+def _quantile(xs, q):
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    steps: int = 0
+    batch_tokens: int = 0  # tokens computed in packed batches
+    padded_tokens: int = 0  # what [num_seqs, longest chunk] batches would have computed
+    generated_tokens: int = 0
+    preemptions: int = 0
+    failed: int = 0
+    finished: int = 0
+    busy_s: float = 0.0  # wall time inside step()
+    ttft_s: list = field(default_factory=list)
+    itl_s: list = field(default_factory=list)
+    e2e_s: list = field(default_factory=list)
+
+    def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float) -> None:
+        self.steps += 1
+        self.batch_tokens += sum(num_tokens)
+        self.padded_tokens += len(num_tokens) * max(num_tokens, default=0)
+        self.generated_tokens += generated
+        self.preemptions += preempted
+        self.busy_s += seconds
+
+    def record_request(self, out) -> None:
+        if out.error is not None:
+            self.failed += 1
+            return
+        self.finished += 1
+        if out.ttft_s is not None:
+            self.ttft_s.append(out.ttft_s)
+        self.itl_s.extend(out.itl_s)
+        if out.e2e_s is not None:
+            self.e2e_s.append(out.e2e_s)
+
+    def snapshot(self, *, active: int, waiting: int, cache) -> dict:
+        return {
+            "active_requests": active,
+            "waiting_requests": waiting,
+            "finished_requests": self.finished,
+            "failed_requests": self.failed,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "generated_tokens_per_s": self.generated_tokens / self.busy_s if self.busy_s else 0.0,
+            "ttft_mean_s": _mean(self.ttft_s),
+            "ttft_p50_s": _quantile(self.ttft_s, 0.5),
+            "ttft_p90_s": _quantile(self.ttft_s, 0.9),
+            "itl_mean_s": _mean(self.itl_s),
+            "itl_p50_s": _quantile(self.itl_s, 0.5),
+            "itl_p90_s": _quantile(self.itl_s, 0.9),
+            "e2e_mean_s": _mean(self.e2e_s),
+            "cache_occupancy": cache.occupancy(),
+            "cache_free_blocks": cache.get_num_free_blocks(),
+            "cache_num_blocks": cache.num_blocks,
+            "prefix_hit_rate": cache.prefix_hit_rate(),
+            "padding_saved": 1.0 - self.batch_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+            "preemptions": self.preemptions,
+            "timestamp": time.time(),
+        }
+
+
+class PrometheusExporter:
+    """Publishes ``engine.metrics()`` as Prometheus gauges (``prometheus_client``, the
+    optional extra ``cbkernels[metrics]``). Call ``update()`` after steps, then scrape
+    ``exposition()`` or serve the registry with ``prometheus_client.start_http_server``."""
+
+    def __init__(self, engine, registry=None, prefix: str = "cbkernels"):
+        try:
+            import prometheus_client
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("PrometheusExporter needs prometheus_client: pip install 'cbkernels[metrics]'") from e
+        self._prom = prometheus_client
+        self.engine = engine
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        self.gauges = {}
+        for key, value in engine.metrics().items():
+            if key != "timestamp" and (value is None or isinstance(value, (int, float))):
+                self.gauges[key] = prometheus_client.Gauge(f"{prefix}_{key}", key.replace("_", " "),
+                                                           registry=self.registry)
+        self.update()
+
+    def update(self) -> None:
+        for key, value in self.engine.metrics().items():
+            if key in self.gauges and value is not None:
+                self.gauges[key].set(value)
+
+    def exposition(self) -> bytes:
+        self.update()
+        return self._prom.generate_latest(self.registry)

@@ -1,0 +1,164 @@
+"""Schedulers: which requests run in the next step, and how many tokens each.
+
+Both schedulers share the mechanics (``Scheduler``): a per-step token budget
+``max_batch_tokens``, chunked (split) prefill of prompts that do not fit the budget, and
+when blocks run out: wait (new requests), preempt the newest running request (it is
+recomputed later), or fail at once a request that could never fit the cache. They differ
+in priority: ``FIFOScheduler`` serves running requests (decodes first, so time between
+tokens stays low) before admitting new ones; ``PrefillFirstScheduler`` finishes pending
+prefills and admits new requests before decoding (lower time to first token).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .allocators import OutOfBlocks
+from .cache import PagedAttentionCache
+from .requests import Request, RequestStatus as S
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # new tokens of each request
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int = 64):
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is the newest
+
+    # -------------------------------------------------------------- queue verbs
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request) -> None:
+        """Drop a finished, failed or cancelled request and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.cache.release(req)
+
+    def preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.cache.release(req)
+        req.transition(S.PENDING)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -------------------------------------------------------------- one step
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        self._budget = self.max_batch_tokens
+        for phase in self.phases():
+            phase(batch)
+        return batch
+
+    def phases(self):
+        raise NotImplementedError
+
+    def _take(self, batch: ScheduledBatch, req: Request) -> bool:
+        """Reserve blocks for the request's next chunk, preempting the newest unscheduled
+        running request while blocks are short. False when it cannot run this step."""
+        n = min(req.remaining, self._budget)
+        while True:
+            try:
+                self.cache.reserve(req, n)
+                break
+            except OutOfBlocks:
+                victims = [r for r in self.running if r not in batch.requests]
+                if not victims or victims[-1] is req:
+                    if req in self.running:  # nobody newer to evict: step back itself
+                        self.preempt(req)
+                        batch.preempted.append(req)
+                    return False
+                self.preempt(victims[-1])
+                batch.preempted.append(victims[-1])
+        batch.requests.append(req)
+        batch.num_tokens.append(n)
+        self._budget -= n
+        self._mark(req, n)
+        return True
+
+    @staticmethod
+    def _mark(req: Request, n: int) -> None:
+        if req.status is S.DECODING:
+            req.transition(S.DECODING)
+        elif req.status is S.SPLIT_PENDING_REMAINDER:
+            req.transition(S.PREFILLING_SPLIT)
+        elif req.status is S.PENDING:
+            req.transition(S.PREFILLING if n == req.remaining else S.PREFILLING_SPLIT)
+
+    def _run_running(self, batch: ScheduledBatch, decoding: bool) -> None:
+        for req in list(self.running):
+            if self._budget <= 0:
+                return
+            if (req.status is S.DECODING) != decoding or req in batch.requests or req not in self.running:
+                continue
+            self._take(batch, req)
+
+    def _decodes(self, batch):
+        self._run_running(batch, decoding=True)
+
+    def _continuing_prefills(self, batch):
+        self._run_running(batch, decoding=False)
+
+    def _admit(self, batch: ScheduledBatch) -> None:
+        while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if not self.cache.can_ever_fit(req.prompt_len + req.params.max_new_tokens):
+                self.waiting.popleft()
+                req.fail(f"request needs more KV cache than exists: {req.prompt_len} prompt + "
+                         f"{req.params.max_new_tokens} new tokens > {self.cache.num_blocks} blocks of "
+                         f"{self.cache.block_size}")
+                batch.failed.append(req)
+                continue
+            copies = self.cache.match_prefix(req)
+            n = min(req.remaining, self._budget)
+            if self.cache.blocks_needed(req, n) > self.cache.get_num_free_blocks():
+                self._undo_admission(req)  # wait for blocks to come back
+                return
+            self.waiting.popleft()
+            self.running.append(req)
+            batch.copies.extend(copies)
+            self._take(batch, req)
+
+    def _undo_admission(self, req: Request) -> None:
+        self.cache.prefix_hit_tokens -= req.num_computed
+        req.prefix_hit_tokens -= req.num_computed
+        self.cache.release(req)
+        req.num_computed = 0
+
+
+class FIFOScheduler(Scheduler):
+    def phases(self):
+        return (self._decodes, self._continuing_prefills, self._admit)
+
+
+class PrefillFirstScheduler(Scheduler):
+    def phases(self):
+        return (self._continuing_prefills, self._admit, self._decodes)
+
+
+def make_scheduler(name: str, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int) -> Scheduler:
+    cls = {"fifo": FIFOScheduler, "prefill_first": PrefillFirstScheduler}[name]
+    return cls(cache, max_batch_tokens, max_num_seqs)
