@@ -45,6 +45,9 @@ _LN2 = tl.constexpr(LN2)
 _NEG_BIG = tl.constexpr(NEG_BIG)
 _NEG_TWO_LOG2E = tl.constexpr(-2.0 * LOG2E)
 
+# Head dims below 64 (validation allows 16..56) run on the D = 64 tiles, masked: small heads are
+# rare (test models) and it keeps the AOT config count at three head-dim pads (64, 128, 256).
+MIN_D_PAD = 64
 # Smallest M of tl.dot on tensor cores (mma.sync m16n8k16): decode tiles pad up to it.
 DECODE_BLOCK_M = 16
 
@@ -58,14 +61,19 @@ class Tile:
 
 
 # Launch tiles per arch, keyed by (kind, element size, padded head dim). Where the numbers came
-# from: BLOCK_M 16 is the mma minimum (decode is bandwidth-bound, larger M only wastes MMA);
-# prefill BLOCK_M 128 at D <= 128 is the usual flash-attention tile that reaches wgmma (>= 64
-# rows, TRITON_ON_CPU.md); D = 256 halves M and N to stay within the register file (the
-# 128 x 256 fp32 accumulator alone is 256 registers a thread at 4 warps) -- every entry was
-# checked in the AOT table (python -m cbkernels.aot --kernel paged_attention: 0 spills).
-# fp32 inputs use half-width tiles: twice the bytes per element in shared memory and IEEE
-# (non tf32) dots. num_stages 2 on sm_80 / 3 on sm_90 follows the shared memory budget
-# (163 KB vs 227 KB, cbkernels.aot.SHARED_MEMORY_LIMIT) of the K and V double/triple buffers.
+# from (every entry checked in the AOT table, python -m cbkernels.aot --kernel paged_attention,
+# which compiles every config for BOTH sm_80 and sm_90, so an entry must fit both):
+# * decode BLOCK_M 16 is the mma.sync minimum (m16n8k16); decode is bandwidth-bound, so larger
+#   M would only waste MMA. BLOCK_N 64 at 2-byte D <= 128: 79-164 registers, 20-38 KB smem.
+# * prefill BLOCK_M 128 at D = 64 reaches wgmma on sm_90 (>= 64 rows, TRITON_ON_CPU.md) at 154
+#   registers. At D = 128, M = 128 spilled on sm_80 (255 registers + 20 B spills: mma.sync keeps
+#   the whole accumulator in registers) and sat at 238 on sm_90, so M = 64 (146-188 registers).
+# * D = 256 halves N (and M for decode stays 16): the 256-wide K/V tiles double smem and regs.
+# * fp32 inputs run IEEE dots on FMA units, no MMA: M = 64 spilled on sm_80 (420 B at 4 warps),
+#   M = 32 fits (107-154 registers); D = 256 halves M again.
+# * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
+#   K/V buffer for the D <= 128 fp16/bf16 decode and D = 64 prefill tiles (<= 49 KB); 2 on sm_80
+#   (163 KB, and its cp.async pipeline gains little from a third stage on a gather).
 def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
     stages = 3 if arch >= 90 else 2
     return {
@@ -76,11 +84,11 @@ def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
         ("decode", 4, 128): Tile(DECODE_BLOCK_M, 32, 4, 2),
         ("decode", 4, 256): Tile(DECODE_BLOCK_M, 16, 4, 2),
         ("prefill", 2, 64): Tile(128, 64, 8, stages),
-        ("prefill", 2, 128): Tile(128, 64, 8, 2),
+        ("prefill", 2, 128): Tile(64, 64, 8, 2),
         ("prefill", 2, 256): Tile(64, 32, 8, 2),
-        ("prefill", 4, 64): Tile(64, 32, 4, 2),
-        ("prefill", 4, 128): Tile(64, 32, 8, 2),
-        ("prefill", 4, 256): Tile(32, 32, 8, 2),
+        ("prefill", 4, 64): Tile(32, 32, 4, 2),
+        ("prefill", 4, 128): Tile(32, 32, 8, 2),
+        ("prefill", 4, 256): Tile(16, 32, 8, 2),
     }
 
 
@@ -139,6 +147,7 @@ def _paged_attention_kernel(
     has_sinks,
     store_lse,
     num_splits,
+    one_tile_per_seq,  # 1 when max_seqlen_q * group <= BLOCK_M: program pid serves sequence pid
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -149,18 +158,21 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Sequence of this virtual tile: the last b with (cu[b] * group) // BLOCK_M + b <= pid.
-    lo_b = batch * 0
-    hi_b = batch
+    # Sequence of this virtual tile: the last b with vstart(b) <= pid, where vstart(b) is
+    # (cu[b] * group) // BLOCK_M + b, or just b when every sequence fits one tile (decodes).
+    tiles_mul = 1 - one_tile_per_seq
+    lo_b = tl.where(one_tile_per_seq != 0, pid, 0)
+    hi_b = tl.where(one_tile_per_seq != 0, pid + 1, batch)
     while hi_b - lo_b > 1:
         mid = (lo_b + hi_b) // 2
         start_mid = tl.load(cu_seqlens_q_ptr + mid).to(tl.int32)
-        lo_b = tl.where((start_mid * group) // BLOCK_M + mid <= pid, mid, lo_b)
-        hi_b = tl.where((start_mid * group) // BLOCK_M + mid <= pid, hi_b, mid)
+        before = (start_mid * group) // BLOCK_M * tiles_mul + mid <= pid
+        lo_b = tl.where(before, mid, lo_b)
+        hi_b = tl.where(before, hi_b, mid)
     seq = lo_b
     q_start = tl.load(cu_seqlens_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1).to(tl.int32) - q_start
-    tile = pid - ((q_start * group) // BLOCK_M + seq)
+    tile = pid - ((q_start * group) // BLOCK_M * tiles_mul + seq)
     row_start = tile * BLOCK_M  # first flattened row of this tile inside the sequence
     if row_start >= q_len * group:
         return
@@ -247,7 +259,7 @@ def _paged_attention_kernel(
             l_i = l_i * alpha + tl.exp2(sink - m_fin)
             acc = acc * alpha[:, None]
             m_i = m_fin
-        o = acc / l_i[:, None]
+        o = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # l = 0 only on padding rows (not stored)
         tl.store(out_ptr + out_row[:, None] * head_dim + dims[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dim_ok[None, :])
         if store_lse:
@@ -321,18 +333,24 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """Next power of two, at least MIN_D_PAD (masked lanes cost little next to another config)."""
+    return max(next_power_of_2(head_dim), MIN_D_PAD)
+
+
 def pick_tile(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> Tile:
     """Decode tile (M = 16) when one sequence's rows x heads fit in it, else the prefill tile."""
     kind = "decode" if max_seqlen_q * group <= DECODE_BLOCK_M else "prefill"
     size = 4 if dtype == torch.float32 else 2
-    return TILES[arch][(kind, size, next_power_of_2(head_dim))]
+    return TILES[arch][(kind, size, padded_head_dim(head_dim))]
 
 
 def num_virtual_tiles(num_tokens: int, batch: int, group: int, block_m: int, max_seqlen_q: int) -> int:
-    """Upper bound on q tiles over the batch (see the module docstring), from host ints only."""
-    by_tokens = triton.cdiv(num_tokens * group, block_m) + batch
-    by_longest = batch * triton.cdiv(max_seqlen_q * group, block_m)
-    return min(by_tokens, by_longest)
+    """Grid axis 0, from host ints only: ``batch`` when every sequence fits one tile, else the
+    bound ``cdiv(T * group, BLOCK_M) + B`` of the module docstring."""
+    if max_seqlen_q * group <= block_m:
+        return batch
+    return triton.cdiv(num_tokens * group, block_m) + batch
 
 
 def pick_num_splits(programs: int, max_seqlen_k: int, sm_count: int, scratch_bytes_per_split: int) -> int:
@@ -395,7 +413,7 @@ def launch_paged_attention(
 
     arch = _arch(q.device)
     tile = pick_tile(arch, q.dtype, head_dim, max_seqlen_q, group)
-    d_pad = next_power_of_2(head_dim)
+    d_pad = padded_head_dim(head_dim)
     grid_m = num_virtual_tiles(num_tokens, batch, group, tile.block_m, max_seqlen_q)
     if num_splits is None:
         num_splits = pick_num_splits(grid_m * num_kv_heads, max_seqlen_k, _sm_count(q.device),
@@ -423,7 +441,7 @@ def launch_paged_attention(
         float(scale) * LOG2E, float(scale) / softcap if softcap else 0.0, float(softcap or 0.0) * LOG2E,
         int(sliding_window or 0),
         int(sinks is not None), int(lse is not None), num_splits,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
+        int(max_seqlen_q * group <= tile.block_m), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
         IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -484,7 +502,7 @@ def _attention_signature(dtype: str, index: str) -> dict[str, str]:
         "batch": "i32", "num_tokens": "i32", "num_q_heads": "i32", "group": "i32", "head_dim": "i32",
         "stride_q_tok": "i32", "stride_kv_slot": "i32", "stride_table": "i32", "log2_block_size": "i32",
         "scale_log2": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32", "sliding_window": "i32", "has_sinks": "i32",
-        "store_lse": "i32", "num_splits": "i32",
+        "store_lse": "i32", "num_splits": "i32", "one_tile_per_seq": "i32",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D_PAD": "constexpr",
         "IEEE_DOT": "constexpr", "UPCAST": "constexpr",
     }
