@@ -404,12 +404,13 @@ def launch_paged_attention(
     if num_tokens == 0 or batch == 0:
         return
     group = num_q_heads // num_kv_heads
-    if max_seqlen_q is None:  # one sync; engines pass it
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_q is None or max_seqlen_k is None:  # one device-to-host sync; engines pass both
+        longest = torch.stack([(cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().to(torch.int64),
+                               seq_lens.max().to(torch.int64)]).tolist()
+        max_seqlen_q = longest[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = longest[1] if max_seqlen_k is None else max_seqlen_k
     if max_seqlen_q == 0:
         return
-    if max_seqlen_k is None:
-        max_seqlen_k = int(seq_lens.max())
 
     arch = _arch(q.device)
     tile = pick_tile(arch, q.dtype, head_dim, max_seqlen_q, group)

@@ -29,6 +29,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Head dims and block sizes the contract promises (DESIGN.md), each run as a fixed small case.
 HEAD_DIMS = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
+# Validation also admits these (any power of two in [1, 1024]); the kernel gathers per key.
+EXTRA_BLOCK_SIZES = (1, 2, 4, 512, 1024)
 # Query heads per KV head: 1 (MHA) .. 16, non-powers of two included; Hkv = 1 is MQA.
 GROUP_SIZES = (1, 2, 3, 4, 5, 8, 16)
 # The awkward (q_len, kv_len) pairs kept as fixed examples (vLLM's kernel tests use them).
@@ -118,6 +120,16 @@ def test_mixed_batches_match_reference(spec, options, splits, host_bounds):
     _check(b, splits=splits, host_bounds=host_bounds, **options)
 
 
+@given(head_dim=st.sampled_from(HEAD_DIMS), block=st.sampled_from(BLOCK_SIZES), dtype=st.sampled_from(DTYPES),
+       q_len=st.integers(1, 20), prefix=st.integers(0, 300), splits=st.sampled_from([None, 2]),
+       window=st.none() | st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_head_dims_and_block_sizes_drawn(head_dim, block, dtype, q_len, prefix, splits, window, seed):
+    """One chunk over a cached prefix next to a decode: KV tiles spanning several blocks or part of one."""
+    b = _batch([(q_len, q_len + prefix), (1, prefix + 1)], hq=4, hkv=2, d=head_dim, block=block, dtype=dtype,
+               seed=seed)
+    _check(b, splits=splits, sliding_window=window)
+
+
 # --------------------------------------------------------------------------- fixed cases
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lengths", AWKWARD_LENGTHS, ids=str)
@@ -137,7 +149,7 @@ def test_small_head_dims_run_on_padded_tiles(head_dim):
     _check(_batch(MIXED, hq=2, hkv=1, d=head_dim))
 
 
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES + EXTRA_BLOCK_SIZES)
 def test_block_sizes(block_size):
     # Spans several blocks per KV tile (small blocks) and part of one block (large blocks).
     _check(_batch([(1, 300), (7, 90), (0, 3)], hq=4, hkv=2, block=block_size, dtype=torch.float16))
