@@ -125,6 +125,8 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch) -> None:
         while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req in batch.preempted:  # it just gave its blocks up: no churn within a step
+                return
             if not self.cache.can_ever_fit(req.prompt_len + req.params.max_new_tokens):
                 self.waiting.popleft()
                 req.fail(f"request needs more KV cache than exists: {req.prompt_len} prompt + "

@@ -1,0 +1,141 @@
+"""Schedulers without a model: a driver plays the engine's bookkeeping (fake tokens) so
+hypothesis can explore budgets, preemption and prefix hits quickly."""
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from cbkernels.cache import PagedAttentionCache
+from cbkernels.requests import Request, RequestStatus as S, SamplingParams
+from cbkernels.scheduler import FIFOScheduler, PrefillFirstScheduler
+
+BLOCK = 4
+FAKE_TOKEN = 3
+
+
+class Driver:
+    def __init__(self, cls, num_blocks, max_batch_tokens, prefix=True):
+        self.cache = PagedAttentionCache(num_blocks, BLOCK, max_batch_tokens, num_layers=1, num_kv_heads=1,
+                                         head_dim=8, prefix_caching=prefix)
+        self.sched = cls(self.cache, max_batch_tokens, max_num_seqs=4)
+        self.next_pos: dict[str, int] = {}  # where the next chunk of each admitted request must start
+        self.done: list[Request] = []
+        self.n = 0
+
+    def add(self, prompt, max_new):
+        req = Request(f"r{self.n}", len(prompt), list(prompt), SamplingParams(max_new_tokens=max_new), self.n)
+        self.n += 1
+        self.sched.add(req)
+        return req
+
+    def step(self):
+        batch = self.sched.schedule()
+        assert batch.total_tokens <= self.sched.max_batch_tokens
+        for req in batch.preempted:
+            self.next_pos.pop(req.request_id, None)
+            assert req.status is S.PENDING and req.num_computed == 0
+        self.done.extend(batch.failed)
+        self.cache.apply_copies(batch.copies)
+        for req, n in zip(batch.requests, batch.num_tokens):
+            start = self.next_pos.setdefault(req.request_id, req.num_computed)  # prefix hit on admission
+            assert req.num_computed == start and n >= 1  # chunks tile each prompt exactly once
+            self.next_pos[req.request_id] = start + n
+            req.num_computed += n
+            self.cache.commit(req)
+            if req.num_computed < len(req.tokens):
+                req.transition(S.SPLIT_PENDING_REMAINDER)
+                continue
+            req.append_token(FAKE_TOKEN, 0.0)
+            req.transition(S.DECODING)
+            if req.stop_reason():
+                req.transition(S.FINISHED)
+                self.sched.finish(req)
+                self.next_pos.pop(req.request_id)
+                self.done.append(req)
+        return batch
+
+    def run(self, max_steps=10_000):
+        for _ in range(max_steps):
+            if not self.sched.has_work():
+                return
+            if not self.step().requests and not self.sched.running and self.sched.waiting:
+                raise AssertionError("stuck with an empty cache")
+        raise AssertionError("did not finish")
+
+
+@pytest.mark.parametrize("cls", [FIFOScheduler, PrefillFirstScheduler])
+def test_split_prefill_and_completion(cls):
+    d = Driver(cls, num_blocks=64, max_batch_tokens=5)
+    reqs = [d.add(range(n), 3) for n in (1, 7, 12, 4)]
+    d.run()
+    assert all(r.status is S.FINISHED and len(r.generated) == 3 for r in reqs)
+    assert d.cache.get_num_free_blocks() == d.cache.num_blocks
+
+
+def test_preempts_newest_and_recovers():
+    d = Driver(FIFOScheduler, num_blocks=6, max_batch_tokens=64, prefix=False)
+    reqs = [d.add(range(7), 9) for _ in range(3)]
+    d.run()
+    assert all(r.status is S.FINISHED for r in reqs)
+    assert reqs[-1].num_preemptions >= 1 and reqs[0].num_preemptions == 0
+
+
+def test_request_that_never_fits_fails_at_once():
+    d = Driver(FIFOScheduler, num_blocks=4, max_batch_tokens=64)
+    big, small = d.add(range(30), 4), d.add(range(3), 2)
+    d.step()
+    assert big.status is S.FAILED and "KV cache" in big.error
+    d.run()
+    assert small.status is S.FINISHED
+
+
+def test_prefill_first_orders_prefills_before_decodes():
+    d = Driver(PrefillFirstScheduler, num_blocks=64, max_batch_tokens=8)
+    first = d.add(range(3), 5)
+    d.step()
+    assert first.status is S.DECODING
+    second = d.add(range(20), 2)
+    batch = d.step()
+    assert batch.requests[0] is second and batch.num_tokens[0] == 8 and first not in batch.requests
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.d = None
+
+    @rule(cls=st.sampled_from([FIFOScheduler, PrefillFirstScheduler]), blocks=st.integers(3, 16),
+          budget=st.integers(1, 12), prefix=st.booleans())
+    def configure(self, cls, blocks, budget, prefix):
+        if self.d is None:
+            self.d = Driver(cls, blocks, budget, prefix)
+
+    @rule(shared=st.booleans(), n=st.integers(1, 14), max_new=st.integers(1, 6))
+    def add(self, shared, n, max_new):
+        if self.d is not None:
+            self.d.add(([1, 2, 3, 4, 5] if shared else []) + [9] * n, max_new)
+
+    @rule()
+    def step(self):
+        if self.d is not None and self.d.sched.has_work():
+            self.d.step()
+
+    @invariant()
+    def accounting(self):
+        if self.d is None:
+            return
+        pool = self.d.cache.pool
+        assert min(pool.ref_counts) >= 0
+        assert sum(1 for r in pool.ref_counts if r > 0) + pool.num_free() == pool.num_blocks
+        for req in self.d.sched.running:
+            assert len(self.d.cache.allocators[0].block_table(req.request_id)) * BLOCK >= req.num_computed
+        for req in self.d.sched.waiting:
+            assert req.num_computed == 0 and not self.d.cache.allocators[0].block_table(req.request_id)
+
+    def teardown(self):
+        if self.d is not None:
+            self.d.run()
+            assert self.d.cache.get_num_free_blocks() == self.d.cache.num_blocks
+            assert all(r.is_done for r in self.d.done)
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
