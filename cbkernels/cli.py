@@ -5,14 +5,21 @@ Errors in what the user typed end with a one-line message and exit code 2, never
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
+from .generate_cmd import UsageError, add_parser as add_generate_parser
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _selfcheck(args) -> int:
@@ -34,8 +41,9 @@ def _selfcheck(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbkernels", description="Paged-attention kernels and continuous batching for transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="cbkernels", description="Paged-attention kernels and continuous batching for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_generate_parser(sub)
     check = sub.add_parser("selfcheck", help="run each kernel on random data and compare with the reference")
     check.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     check.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -44,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # Run offline: models load from local files only, never from a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
     try:

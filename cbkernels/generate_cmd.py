@@ -1,0 +1,218 @@
+"""``cbkernels generate``: continuous batching on the embedded SmolLM2 or a local model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .prompts import PromptError, collect_prompts, encode
+
+# Cache blocks added to what the workload needs, so a prefill chunk never waits on the last block.
+CACHE_SLACK_BLOCKS = 4
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _positive(name: str, value, *, allow_zero: bool = False):
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    return value
+
+
+def check_numbers(args) -> None:
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--num-blocks", args.num_blocks)
+    _positive("--block-size", args.block_size)
+    _positive("--max-batch-tokens", args.max_batch_tokens)
+    _positive("--temperature", args.temperature, allow_zero=True)
+    _positive("--top-k", args.top_k, allow_zero=True)
+    if not (0.0 < args.top_p <= 1.0):
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.block_size & (args.block_size - 1):
+        raise UsageError(f"--block-size must be a power of two, got {args.block_size}")
+    if args.model is not None and not Path(args.model).exists():
+        raise UsageError(f"--model: no such file or directory: {args.model}")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json: directory does not exist: {Path(args.json).parent}")
+
+
+def workload_blocks(prompt_lens: list[int], max_new_tokens: int, block_size: int) -> int:
+    """Blocks for every request at its longest: the cache fits the workload, not the machine."""
+    need = sum(math.ceil((n + max_new_tokens) / block_size) for n in prompt_lens)
+    return need + CACHE_SLACK_BLOCKS
+
+
+def metrics_rows(outputs, wall_s: float, engine_metrics: dict, peak_occupancy: float) -> list[tuple[str, str]]:
+    ok = [o for o in outputs if o.error is None]
+    generated = sum(len(o.generated_tokens) for o in outputs)
+    ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
+    itl = [x for o in ok for x in o.itl_s]
+    e2e = [o.e2e_s for o in ok if o.e2e_s is not None]
+
+    def ms(values, q):
+        v = percentile(values, q)
+        return "-" if v is None else f"{v * 1e3:.0f} ms"
+
+    return [
+        ("requests", f"{len(outputs)} ({len(outputs) - len(ok)} failed)"),
+        ("generated tokens", str(generated)),
+        ("tokens/s", f"{generated / wall_s:.1f}" if wall_s > 0 else "-"),
+        ("TTFT p50 / p90", f"{ms(ttft, 0.5)} / {ms(ttft, 0.9)}"),
+        ("ITL p50 / p90", f"{ms(itl, 0.5)} / {ms(itl, 0.9)}"),
+        ("end-to-end p50 / p90", f"{ms(e2e, 0.5)} / {ms(e2e, 0.9)}"),
+        ("peak cache occupancy", f"{100 * peak_occupancy:.0f}% of {engine_metrics['cache_num_blocks']} blocks"),
+        ("prefix cache hit rate", f"{100 * engine_metrics['prefix_hit_rate']:.0f}%"),
+        ("padding saved vs padded batches", f"{100 * engine_metrics['padding_saved']:.0f}%"),
+        ("preemptions", str(engine_metrics["preemptions"])),
+    ]
+
+
+def print_table(rows, file=sys.stdout) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\nmetrics", file=file)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}", file=file)
+
+
+def _load(args):
+    import torch
+
+    from .models import load_default_model, load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        if args.model is None:
+            model, tok = load_default_model(dtype=dtype)
+        else:
+            model, tok = load_model(args.model, dtype=dtype, allow_pickle=args.allow_pickle)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot load model: {str(exc).splitlines()[0]}") from None
+    return model.to(device), tok, device
+
+
+def _stream_one(engine, tok, rid) -> float:
+    """Print one request's answer token by token (decoding the whole answer keeps
+    multi-token characters intact); returns the peak cache occupancy."""
+    shown = ""
+    ids: list[int] = []
+    peak = 0.0
+    for token in engine.stream(rid):
+        peak = max(peak, engine.cache.occupancy())
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return peak
+
+
+def run_generate(args) -> int:
+    check_numbers(args)
+    try:
+        prompts = collect_prompts(args.prompts, args.file, sys.stdin)
+    except PromptError as exc:
+        raise UsageError(str(exc)) from None
+
+    from transformers import GenerationConfig
+    from tqdm import tqdm
+
+    from .config import BatchConfig
+    from .engine import Engine
+
+    model, tok, device = _load(args)
+    encoded = [encode(tok, p) for p in prompts]
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
+    gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, **sampling)
+    num_blocks = args.num_blocks or workload_blocks([len(e) for e in encoded], args.max_new_tokens, args.block_size)
+    config = BatchConfig(num_blocks=num_blocks, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
+                         scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
+    engine = Engine(model, config)
+    print(f"cbkernels generate: {len(prompts)} prompt(s) on {device}, backend {engine.backend}, "
+          f"{num_blocks} cache blocks of {args.block_size}", file=sys.stderr)
+
+    start = time.perf_counter()
+    peak = 0.0
+    ids = [engine.add_request(e, gen_config) for e in encoded]
+    if len(ids) == 1 and not args.no_stream:
+        with engine._attention():
+            peak = _stream_one(engine, tok, ids[0])
+    else:
+        with engine._attention(), tqdm(total=len(ids), desc="requests", unit="req", file=sys.stderr,
+                                       disable=args.quiet) as bar:
+            while engine.scheduler.has_work():
+                engine.step()
+                peak = max(peak, engine.cache.occupancy())
+                done = sum(engine.requests[r].is_done for r in ids)
+                bar.update(done - bar.n)
+    wall = time.perf_counter() - start
+    outputs = [engine.get_result(r) for r in ids]
+    answers = [tok.decode(o.generated_tokens, skip_special_tokens=True) for o in outputs]
+    if not (len(ids) == 1 and not args.no_stream):
+        for i, (prompt, out, answer) in enumerate(zip(prompts, outputs, answers), start=1):
+            shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            print(f"\n[{i}] {shown}")
+            print(f"    error: {out.error}" if out.error else "    " + answer.strip().replace("\n", "\n    "))
+    metrics = engine.metrics()
+    rows = metrics_rows(outputs, wall, metrics, peak)
+    print_table(rows)
+    if args.json:
+        record = {
+            "model": args.model or "SmolLM2-135M-Instruct (embedded)", "device": device,
+            "config": {k: getattr(config, k) for k in ("num_blocks", "block_size", "max_batch_tokens", "scheduler", "prefix_caching")},
+            "wall_s": wall, "metrics": metrics, "table": dict(rows),
+            "results": [{"prompt": p, "text": a, "tokens": o.generated_tokens, "status": o.status.value,
+                         "error": o.error, "finish_reason": o.finish_reason, "ttft_s": o.ttft_s, "e2e_s": o.e2e_s}
+                        for p, a, o in zip(prompts, answers, outputs)],
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 1 if any(o.error for o in outputs) else 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continuous batching on the embedded SmolLM2 or a local model",
+                       description="Generate answers with continuous batching. Prompts come from arguments, "
+                                   "--file (text: one per line; .jsonl: {\"prompt\": ...} or {\"messages\": [...]}), "
+                                   "or standard input; with none, a built-in set of example prompts.")
+    p.add_argument("prompts", nargs="*", help="prompt texts")
+    p.add_argument("--file", "-f", help="prompt file (text or JSONL)")
+    p.add_argument("--model", help="local transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (unsafe: runs code from the file)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized to the workload)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget of one step")
+    p.add_argument("--scheduler", choices=["fifo", "prefill_first"], default="fifo")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt's tokens")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="PATH", help="write prompts, answers and metrics as JSON")
+    p.set_defaults(func=run_generate)

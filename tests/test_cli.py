@@ -1,0 +1,73 @@
+"""The command line: bad input gets one line on stderr and exit code 2; a real run prints
+answers and the metrics table and writes JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, stdin=""):
+    env = dict(os.environ, TRITON_INTERPRET="0")  # the CLI runs the fast path like a user's laptop
+    return subprocess.run([sys.executable, "-m", "cbkernels", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--file", "/nonexistent.txt"], "prompt file not found"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["generate", "--max-new-tokens", "many"], "invalid int value"),
+    (["generate", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "--temperature", "nan"], "--temperature must be non-negative"),
+    (["generate", "--block-size", "12"], "--block-size must be a power of two"),
+    (["generate", "--num-blocks", "-4"], "--num-blocks must be positive"),
+    (["generate", "--model", "/nonexistent/model", "hi"], "no such file or directory"),
+    (["generate", "--scheduler", "random"], "invalid choice"),
+    (["nonsense"], "invalid choice"),
+    (["generate", ""], "empty prompt"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys, monkeypatch):
+    from cbkernels.cli import main
+
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_a_real_process_exits_2_without_a_traceback():
+    proc = run_cli("generate", "--file", "/nonexistent.txt")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "cbkernels generate: error: prompt file not found: /nonexistent.txt"
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    proc = run_cli("generate", "--file", str(f))
+    assert proc.returncode == 2
+    assert f"{f}:2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_on_the_embedded_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is the capital of France?"}\n'
+                       '{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}\n')
+    out = tmp_path / "run.json"
+    proc = run_cli("generate", "--file", str(prompts), "--max-new-tokens", "8", "--json", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[1] What is the capital of France?" in proc.stdout
+    assert "Paris" in proc.stdout
+    for row in ("tokens/s", "TTFT p50 / p90", "ITL p50 / p90", "end-to-end p50 / p90", "peak cache occupancy",
+                "prefix cache hit rate", "padding saved"):
+        assert row in proc.stdout
+    record = json.loads(out.read_text())
+    assert [r["status"] for r in record["results"]] == ["finished", "finished"]
+    assert all(0 < len(r["tokens"]) <= 8 for r in record["results"])
+    assert record["metrics"]["cache_free_blocks"] == record["metrics"]["cache_num_blocks"]
