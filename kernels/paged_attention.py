@@ -368,7 +368,9 @@ def pick_num_splits(programs: int, max_seqlen_k: int, sm_count: int, scratch_byt
 
 
 # Split-KV scratch, one flat fp32 buffer per device, grown on demand and then reused, so that
-# steady-state launches (and CUDA-graph replays) allocate nothing.
+# steady-state launches (and CUDA-graph replays) allocate nothing. Run one eager step of the
+# largest batch before capturing a graph, so that the buffer is not first grown during capture.
+# One buffer per device assumes launches on that device are stream-ordered (one stream).
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 
 
