@@ -36,6 +36,7 @@ def cbkernels_attention(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     layer = module.layer_idx
+    meta.layers_seen += 1
     cache = meta.cache
     group = meta.groups[cache.group_of_layer[layer]]
     k_cache, v_cache = cache.layer_cache(layer)

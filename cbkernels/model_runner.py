@@ -46,6 +46,7 @@ class PagedMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one query row
     prefill_spans: list  # (start, end, kv_len) of every other sequence
     backend: str  # "torch" or "triton"
+    layers_seen: int = 0  # attention calls that used this metadata (checked after the forward)
 
 
 def _positions_to_slots(table_rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -129,6 +130,10 @@ class ModelRunner:
             input_ids=input_ids, position_ids=position_ids, attention_mask=self._no_mask,
             use_cache=False, logits_to_keep=rows, **{METADATA_KWARG: meta},
         )
+        if meta.layers_seen != self.cache.num_layers:
+            raise RuntimeError(
+                f"{meta.layers_seen} of {self.cache.num_layers} attention layers ran the paged path: the model's "
+                "attention modules do not dispatch through config._attn_implementation='cbkernels'")
         if not sampling:
             return {}
         logits = out.logits[0]  # [S, V]
