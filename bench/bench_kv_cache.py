@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import H100_COPY_CEILING_GBPS, device_name, print_table, result_path, time_ms, write_csv  # noqa: E402
-
-import cbkernels  # noqa: E402
+import cbkernels
+from cbkernels.benchmarks.common import (
+    H100_COPY_CEILING_GBPS, device_name, print_table, pyplot, result_path, time_ms, write_csv,
+)
 
 BLOCK_SIZE = 16
 # (num_kv_heads, head_dim): Llama-3-8B, SmolLM2-135M, a small MQA model.
@@ -87,13 +87,8 @@ def _row(op, shape, dtype, ours, theirs, moved):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"{r['op']}\n{r['shape']}" for r in rows]
     x = range(len(rows))

@@ -62,6 +62,7 @@ class EngineMetrics:
             "finished_requests": self.finished,
             "failed_requests": self.failed,
             "steps": self.steps,
+            "computed_tokens": self.batch_tokens,
             "generated_tokens": self.generated_tokens,
             "generated_tokens_per_s": self.generated_tokens / self.busy_s if self.busy_s else 0.0,
             "ttft_mean_s": _mean(self.ttft_s),

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, device naming, result files."""
+"""Shared benchmark plumbing: timing, device naming, tables, CSV and PNG result files."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The repository's bench/results when run from a checkout; otherwise ./bench-results.
+_REPO_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+RESULTS_DIR = _REPO_RESULTS if _REPO_RESULTS.parent.is_dir() else Path("bench-results")
 # Measured device-to-device copy ceiling of the validation H100 (bytes read + written), GPU.md.
 H100_COPY_CEILING_GBPS = 3000.0
 
@@ -64,3 +66,16 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'cbkernels[bench]'): no plot written")
+        return None
+    return plt

@@ -1,0 +1,61 @@
+"""Workloads shared by the engine benchmarks: prompts, models, and one timed engine run."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..prompts import DEFAULT_PROMPTS
+
+# Chat prompts of mixed lengths (TRANSFORMERS_CB.md measured the peer on 16 prompts of 31-119 tokens).
+BENCH_PROMPTS: list[str] = DEFAULT_PROMPTS + [
+    "List five animals that live in the ocean.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Describe the water cycle for a ten-year-old, step by step, in a short numbered list.",
+    "What are the main differences between a cat and a dog as pets? Consider care, cost, space and time.",
+    "Write a short email to a colleague asking to move tomorrow's meeting to Friday afternoon.",
+    "Explain what a hash table is and why lookups are fast on average.",
+    "Suggest a name for a bakery that sells only bread made with old grains, and explain the choice.",
+    "Why do leaves change colour in autumn? Mention chlorophyll and carotenoids.",
+]
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    generated: int
+    outputs: list
+    metrics: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.wall_s if self.wall_s else 0.0
+
+
+def encode_prompts(tokenizer, prompts=BENCH_PROMPTS) -> list[list[int]]:
+    from ..prompts import encode
+
+    return [encode(tokenizer, p) for p in prompts]
+
+
+def tiny_llama(vocab: int = 512, layers: int = 2, seed: int = 0):
+    """A random-weight Llama small enough to run thousands of requests on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def run_engine(model, prompts: list[list[int]], generation_config, config) -> RunResult:
+    """One timed ``Engine.generate`` (the engine's construction excluded)."""
+    from ..engine import Engine
+
+    engine = Engine(model, config)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, generation_config)
+    wall = time.perf_counter() - start
+    return RunResult(wall, sum(len(o.generated_tokens) for o in outputs), outputs, engine.metrics())
