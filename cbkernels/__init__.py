@@ -5,7 +5,7 @@ from .allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, 
 from .cache import PagedAttentionCache
 from .config import BatchConfig
 from .engine import Engine, generate_batch
-from .integration import register
+from .integration import register, register_on_import
 from .metrics import PrometheusExporter
 from .requests import RequestOutput, RequestStatus
 from .scheduler import FIFOScheduler, PrefillFirstScheduler, Scheduler
@@ -20,4 +20,4 @@ __all__ = [
     "__version__",
 ]
 
-register()
+register_on_import()  # cheap: registers once transformers' modeling_utils is loaded

@@ -18,6 +18,10 @@ which this package does not do; use ``cbkernels.Engine`` / ``cbkernels.generate_
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import sys
+
 import torch
 
 from . import _torch_ops
@@ -77,3 +81,34 @@ def register() -> None:
     AttentionInterface.register(NAME, cbkernels_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     _registered = True
+
+
+# transformers.modeling_utils (where AttentionInterface lives) takes seconds to import, so
+# ``import cbkernels`` does not import it: ``register_on_import`` registers right away when
+# transformers is already loaded, else the moment transformers loads that module.
+_TRIGGER = "transformers.modeling_utils"
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            register()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_on_import() -> None:
+    if _TRIGGER in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())

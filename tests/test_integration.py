@@ -48,3 +48,13 @@ def test_engine_switches_and_restores_attention():
     out = Engine(model, BatchConfig(backend="torch")).generate([prompt], gc)
     assert out[0].generated_tokens == ref
     assert model.config._attn_implementation == "eager"
+
+
+def test_import_is_cheap_and_registers_when_transformers_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys, cbkernels; assert 'transformers.modeling_utils' not in sys.modules; "
+            "from transformers import AttentionInterface; "
+            "assert AttentionInterface._global_mapping['cbkernels'] is cbkernels.integration.cbkernels_attention")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
