@@ -110,7 +110,7 @@ def all_configs(modules=KERNEL_MODULES):
 
 def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True) -> list[CompileResult]:
     configs = list(all_configs(modules))
-    jobs = [(c, a) for c in configs for a in archs]
+    jobs = [(c, a) for c in configs for a in archs if c.archs is None or a in c.archs]
     try:
         from tqdm import tqdm
         iterator = tqdm(jobs, desc="compiling", unit="config", disable=not progress, file=sys.stderr)

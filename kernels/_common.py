@@ -31,10 +31,11 @@ class AotConfig:
     ``signature`` maps every argument to a Triton type ("*fp16", "i32", "constexpr", ...);
     ``constexprs`` gives the constexpr values; ``divisible`` names the integer arguments the
     JIT would see as multiples of 16 at run time (every pointer gets that hint automatically,
-    as the JIT gives it to 16-byte-aligned tensors).
+    as the JIT gives it to 16-byte-aligned tensors). ``archs`` limits the config to the compute
+    capabilities whose launch heuristics pick it (None: every arch the gate builds for).
     """
 
-    def __init__(self, name, kernel, signature, constexprs, num_warps, num_stages=1, divisible=()):
+    def __init__(self, name, kernel, signature, constexprs, num_warps, num_stages=1, divisible=(), archs=None):
         self.name = name
         self.kernel = kernel
         self.signature = signature
@@ -42,6 +43,7 @@ class AotConfig:
         self.num_warps = num_warps
         self.num_stages = num_stages
         self.divisible = tuple(divisible)
+        self.archs = None if archs is None else tuple(archs)
 
     def __repr__(self) -> str:
         return f"AotConfig({self.name}, warps={self.num_warps}, stages={self.num_stages})"

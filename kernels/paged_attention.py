@@ -517,23 +517,20 @@ def aot_configs() -> list[AotConfig]:
     Index dtypes of seq_lens / cu_seqlens_q only change two scalar loads, so int32 stands for
     both. Head dims divisible by 16 (64, 96 as D, 128, 256) are hinted as the JIT would see them.
     """
-    configs, seen = [], set()
+    configs = []
     for arch in sorted(TILES):
         for (kind, size, d_pad), tile in TILES[arch].items():
             dtypes = (torch.float32,) if size == 4 else (torch.float16, torch.bfloat16)
             for dtype in dtypes:
-                key = (kind, dtype, d_pad, tile)
-                if key in seen:
-                    continue
-                seen.add(key)
                 name = _TRITON_DTYPE[dtype]
                 configs.append(AotConfig(
-                    f"paged_attention[{kind},{name},d{d_pad},m{tile.block_m},n{tile.block_n}]",
+                    f"paged_attention[{kind},{name},d{d_pad},m{tile.block_m},n{tile.block_n},"
+                    f"w{tile.num_warps},s{tile.num_stages}]",
                     _paged_attention_kernel, _attention_signature(name, "i32"),
                     {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "D_PAD": d_pad,
                      "IEEE_DOT": dtype == torch.float32, "UPCAST": False},
                     tile.num_warps, tile.num_stages,
-                    divisible=("head_dim", "stride_q_tok", "stride_kv_slot"),
+                    divisible=("head_dim", "stride_q_tok", "stride_kv_slot"), archs=(arch,),
                 ))
     for dtype, name in _TRITON_DTYPE.items():
         for d_pad in (64, 128, 256):

@@ -37,15 +37,17 @@ def test_gate_passes(gate):
 def test_every_config_compiled_for_every_arch(gate):
     _, results = gate
     env_free = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    listing = subprocess.run(
-        [sys.executable, "-c", "from cbkernels.aot import all_configs; print('\\n'.join(c.name for c in all_configs()))"],
-        capture_output=True, text=True, env=env_free, check=True,
-    ).stdout.split()
-    assert len(set(listing)) == len(listing), "config names must be unique"
-    compiled = {(r["kernel"], r["arch"]) for r in results}
-    expected = {(name, f"sm_{arch}") for name in listing for arch in ARCHS}
-    assert compiled == expected
-    prefixes = {name.split("[")[0] for name in listing}
+    script = ("from cbkernels.aot import ARCHS, all_configs\n"
+              "for c in all_configs():\n"
+              "    for a in c.archs or ARCHS: print(c.name, f'sm_{a}')")
+    listing = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env_free,
+                             check=True).stdout.splitlines()
+    pairs = [tuple(line.split()) for line in listing]
+    assert len(set(pairs)) == len(pairs), "config names must be unique per arch"
+    compiled = [(r["kernel"], r["arch"]) for r in results]
+    assert sorted(compiled) == sorted(pairs)
+    assert {arch for _, arch in pairs} == {f"sm_{a}" for a in ARCHS}
+    prefixes = {name.split("[")[0] for name, _ in pairs}
     assert {"scatter_kv", "gather_kv", "copy_blocks"} <= prefixes
     assert len(KERNEL_MODULES) >= 2
 
