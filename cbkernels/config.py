@@ -24,6 +24,9 @@ class BatchConfig:
       else the vectorised PyTorch path); ``"torch"`` forces the PyTorch path on CPU (it is
       what the engine uses on a laptop even under a test session that interprets Triton);
       ``"triton"`` forces the public Triton-dispatching ops.
+    * ``use_cuda_graph``: capture decode-only steps in CUDA graphs, one per padded batch-size
+      bucket. ``None`` (default) turns it on for CUDA models and off on CPU; ``True`` on a CPU
+      model is an error.
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
     """
 
@@ -38,6 +41,7 @@ class BatchConfig:
     max_cache_bytes: int = 2 << 30
     seed: Optional[int] = None
     device: Optional[torch.device] = None
+    use_cuda_graph: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -52,5 +56,7 @@ class BatchConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
+            raise ValueError(f"use_cuda_graph must be True, False or None, got {self.use_cuda_graph!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
