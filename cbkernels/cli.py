@@ -12,6 +12,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
+from .bench_cmd import add_parser as add_bench_parser
 from .generate_cmd import UsageError, add_parser as add_generate_parser
 
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cbkernels", description="Paged-attention kernels and continuous batching for transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_generate_parser(sub)
+    add_bench_parser(sub)
     check = sub.add_parser("selfcheck", help="run each kernel on random data and compare with the reference")
     check.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     check.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -1,0 +1,99 @@
+"""``cbkernels bench``: the evidence, in one command.
+
+* ``peers``: cbkernels against transformers' generate_batch (sdpa, paged|eager; small-cache
+  and default configs) and sequential generate(), same prompts, one run;
+* ``sweep``: throughput against latency over concurrency and step budgets (PNG);
+* ``padding``: tokens a statically padded batch computes against the packed batches run;
+* ``kernels``: the kernel microbenchmarks (GB/s, TFLOP/s on CUDA; the CPU path otherwise).
+
+Each writes CSV + PNG files under ``--out`` (default bench/results in a checkout).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .generate_cmd import UsageError
+
+PARTS = ("peers", "sweep", "padding", "kernels")
+
+
+def _model_and_prompts(args):
+    import torch
+    from transformers import GenerationConfig
+
+    from .benchmarks.workloads import BENCH_PROMPTS, encode_prompts
+    from .models import load_default_model, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    try:
+        model, tok = load_default_model(dtype=dtype) if args.model is None else load_model(args.model, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot load model: {str(exc).splitlines()[0]}") from None
+    model = model.to(device)
+    texts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(args.prompts)]
+    prompts = encode_prompts(tok, texts)
+    eos = model.generation_config.eos_token_id
+    gc = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos if isinstance(eos, int) else 0)
+    return model, prompts, gc
+
+
+def run_bench(args) -> int:
+    for name in ("prompts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.model is not None and not Path(args.model).exists():
+        raise UsageError(f"--model: no such file or directory: {args.model}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    parts = PARTS if args.part == "all" else (args.part,)
+    progress = not args.quiet
+    if "peers" in parts or "sweep" in parts:
+        model, prompts, gc = _model_and_prompts(args)
+    if "peers" in parts:
+        from .benchmarks.peers import run_peers
+
+        print("== engines side by side ==")
+        run_peers(model, prompts, gc, include_default=not args.skip_default_peer, out_dir=out, progress=progress)
+    if "sweep" in parts:
+        from .benchmarks.sweep import run_sweep
+
+        print("\n== throughput against latency ==")
+        run_sweep(model, prompts, gc, out_dir=out, progress=progress)
+    if "padding" in parts:
+        from .benchmarks.padding import run_padding
+
+        print("\n== padding waste ==")
+        run_padding(out_dir=out)
+    if "kernels" in parts:
+        from .benchmarks import kv_cache, paged_attention
+
+        print("\n== kernel microbenchmarks ==")
+        extra = ["--out", str(out)] if out else []
+        quick = ["--quick"] if args.quick else []
+        kv_cache.main(quick + extra)
+        paged_attention.main(quick + extra)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: peers side by side, throughput-latency sweep, padding, kernels",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("part", nargs="?", choices=PARTS + ("all",), default="all")
+    p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
+    p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", type=int, default=16, help="number of chat prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip-default-peer", action="store_true",
+                   help="skip transformers' default continuous-batching config (it sizes its cache to the machine)")
+    p.add_argument("--quick", action="store_true", help="reduced kernel sweeps")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_bench)

@@ -1,0 +1,379 @@
+"""Benchmark of the paged attention kernel.
+
+On CUDA:
+* decode: achieved GB/s (K/V bytes read + q/out) and % of the HBM ceiling, over batch x context x
+  (Hq, Hkv) x head_dim x block_size, bf16; the cost of paging (shuffled block table vs an
+  identity one, and vs SDPA on contiguous K/V);
+* prefill and a mixed batch: TFLOP/s against torch SDPA (flash backend) on the same data laid out
+  dense, and against FlexAttention reading the paged cache through a mask_mod.
+Timing: triton.testing.do_bench, rotating over enough input copies to exceed L2 (50 MB).
+Writes a table to stdout and CSV + PNG under bench/results/ (GPU name and date in the name).
+
+On CPU there is nothing to time honestly: it says so, checks and times the torch fallback against
+the float64 reference on tiny shapes, writes that CSV and exits 0.
+
+Usage: python bench/bench_paged_attention.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+import cbkernels
+from cbkernels import _torch_ops
+from cbkernels.reference.paged_attention import paged_attention as reference
+from cbkernels.testing import TOLERANCES
+
+from .common import RESULTS_DIR as _DEFAULT_RESULTS
+
+RESULTS_DIR = str(_DEFAULT_RESULTS)
+# H100 SXM HBM3 bandwidth (NVIDIA datasheet: 3.35 TB/s peak; 3.0 TB/s is the practical ceiling
+# the issue sets as the reference for "% of ceiling").
+HBM_CEILING_GBPS = 3000.0
+# Inputs are rotated until their bytes exceed this, so timings never come from a warm L2
+# (H100 L2 is 50 MB).
+L2_BYTES = 50 * 1024**2
+# Caches beyond this fraction of free GPU memory are skipped (copies for rotation included).
+MEMORY_FRACTION = 0.6
+MAX_ROTATION_COPIES = 16
+
+DECODE_SWEEP = dict(batch=(1, 8, 64, 256), context=(512, 4096, 32768), heads=((32, 32), (32, 8), (64, 8)),
+                    head_dim=(64, 128), block=(16, 64))
+DECODE_QUICK = dict(batch=(8, 64), context=(4096,), heads=((32, 8),), head_dim=(128,), block=(16,))
+PREFILL_SWEEP = dict(seqs=((1, 4096), (4, 2048), (16, 512)), heads=((32, 8), (32, 32)), head_dim=(64, 128))
+PREFILL_QUICK = dict(seqs=((4, 2048),), heads=((32, 8),), head_dim=(128,))
+
+
+def _gpu_tag() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu-{platform.machine()}-x{os.cpu_count()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def _out_path(ext: str) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    return os.path.join(RESULTS_DIR, f"paged_attention-{_gpu_tag()}-{datetime.date.today():%Y-%m-%d}.{ext}")
+
+
+def _write_csv(rows: list[dict]) -> str:
+    path = _out_path("csv")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    meta = dict(gpu=_gpu_tag(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                torch=torch.__version__, cbkernels=getattr(cbkernels, "__version__", "0.1.0"))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + list(meta))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r | meta)
+    return path
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[c for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------- paged inputs on GPU
+def _paged_inputs(lengths, hq, hkv, d, block, dtype, device, *, shuffle=True, seed=0):
+    """A paged batch without poison (too slow at benchmark sizes): random data, random tables."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    blocks = [math.ceil(kv / block) for _, kv in lengths]
+    num_blocks = sum(blocks) + 1
+    order = torch.randperm(num_blocks, device=device, generator=gen) if shuffle else torch.arange(num_blocks, device=device)
+    tables = torch.zeros(len(lengths), max(blocks), dtype=torch.int32, device=device)
+    cursor = 0
+    for b, n in enumerate(blocks):
+        tables[b, :n] = order[cursor:cursor + n].to(torch.int32)
+        cursor += n
+    k_cache = torch.randn(num_blocks, block, hkv, d, dtype=dtype, device=device, generator=gen)
+    v_cache = torch.randn(num_blocks, block, hkv, d, dtype=dtype, device=device, generator=gen)
+    q_lens = [q for q, _ in lengths]
+    q = torch.randn(sum(q_lens), hq, d, dtype=dtype, device=device, generator=gen)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, device=device), 0)
+    seq_lens = torch.tensor([kv for _, kv in lengths], dtype=torch.int32, device=device)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=seq_lens, cu_seqlens_q=cu,
+                max_seqlen_q=max(q_lens), max_seqlen_k=max(kv for _, kv in lengths))
+
+
+def _bytes_of(inp) -> int:
+    return sum(t.numel() * t.element_size() for t in inp.values() if isinstance(t, torch.Tensor))
+
+
+def _rotating_bench(make, count_bytes: int):
+    """Time ``make(i)()`` callables, cycling over enough copies to defeat L2."""
+    import triton.testing
+
+    copies = max(1, min(MAX_ROTATION_COPIES, math.ceil(L2_BYTES / max(count_bytes, 1))))
+    fns = [make(i) for i in range(copies)]
+    state = {"i": 0}
+
+    def run():
+        fns[state["i"] % copies]()
+        state["i"] += 1
+
+    return triton.testing.do_bench(run, warmup=25, rep=100)  # ms
+
+
+def _attend(inp, out):
+    return lambda: cbkernels.paged_attention(
+        inp["q"], inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"], inp["cu_seqlens_q"],
+        out=out, max_seqlen_q=inp["max_seqlen_q"], max_seqlen_k=inp["max_seqlen_k"])
+
+
+def _sdpa_ms(fn, nbytes: int) -> float:
+    """SDPA time on the flash backend, or on whatever backend accepts the shape (GQA decode)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backends in ([SDPBackend.FLASH_ATTENTION], [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
+        try:
+            with sdpa_kernel(backends):
+                return _rotating_bench(lambda i: fn, nbytes)
+        except RuntimeError:
+            continue
+    return float("nan")
+
+
+def _fits(nbytes: int) -> bool:
+    free, _ = torch.cuda.mem_get_info()
+    return nbytes * 2 < free * MEMORY_FRACTION  # x2: the identity-table twin
+
+
+def bench_decode(sweep) -> list[dict]:
+    import torch.nn.functional as F
+
+    rows = []
+    dtype, device = torch.bfloat16, "cuda"
+    for batch in sweep["batch"]:
+        for ctx in sweep["context"]:
+            for hq, hkv in sweep["heads"]:
+                for d in sweep["head_dim"]:
+                    for block in sweep["block"]:
+                        kv_bytes = 2 * batch * ctx * hkv * d * 2
+                        copies = max(1, min(MAX_ROTATION_COPIES, math.ceil(L2_BYTES / kv_bytes)))
+                        if not _fits(kv_bytes * copies):
+                            continue
+                        lengths = [(1, ctx)] * batch
+                        inputs = [_paged_inputs(lengths, hq, hkv, d, block, dtype, device, seed=i) for i in range(copies)]
+                        outs = [torch.empty_like(x["q"]) for x in inputs]
+                        ms = _rotating_bench(lambda i: _attend(inputs[i], outs[i]), _bytes_of(inputs[0]))
+                        moved = kv_bytes + 2 * batch * hq * d * 2
+                        gbps = moved / ms / 1e6
+                        # Cost of paging 1: the same kernel on an identity (contiguous) block table.
+                        flat = [_paged_inputs(lengths, hq, hkv, d, block, dtype, device, shuffle=False, seed=i)
+                                for i in range(copies)]
+                        ms_flat = _rotating_bench(lambda i: _attend(flat[i], outs[i]), _bytes_of(flat[0]))
+                        # Cost of paging 2: SDPA (flash) on contiguous K/V of the same sizes.
+                        del flat
+                        qd = torch.randn(batch, hq, 1, d, dtype=dtype, device=device)
+                        kd = torch.randn(batch, hkv, ctx, d, dtype=dtype, device=device)
+                        vd = torch.randn_like(kd)
+                        ms_sdpa = _sdpa_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=hq != hkv),
+                                           kv_bytes)
+                        del qd, kd, vd
+                        rows.append(dict(kind="decode", batch=batch, context=ctx, hq=hq, hkv=hkv, head_dim=d,
+                                         block=block, ms=ms, gbps=gbps, pct_ceiling=100 * gbps / HBM_CEILING_GBPS,
+                                         paging_cost_pct=100 * (ms / ms_flat - 1), sdpa_ms=ms_sdpa,
+                                         vs_sdpa_pct=100 * (ms / ms_sdpa - 1)))
+                        del inputs, outs
+                        torch.cuda.empty_cache()
+    return rows
+
+
+def _dense_from_paged(inp, lengths, hkv):
+    """Per sequence dense K/V [1, Hkv, L, D] gathered once (outside the timing)."""
+    keys, values, _ = cbkernels.gather_kv(inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"])
+    out, start = [], 0
+    for _, kv in lengths:
+        out.append((keys[start:start + kv].transpose(0, 1)[None].contiguous(),
+                    values[start:start + kv].transpose(0, 1)[None].contiguous()))
+        start += kv
+    return out
+
+
+def _flex_paged(inp, lengths, hq):
+    """FlexAttention over the flattened paged cache: a mask_mod maps each physical slot back to its
+    owner sequence and logical position (causal, bottom-right aligned)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    k_cache, v_cache = inp["k_cache"], inp["v_cache"]
+    nb, block, hkv, d = k_cache.shape
+    device = k_cache.device
+    slots = nb * block
+    owner = torch.full((slots,), -1, dtype=torch.int32, device=device)
+    logical = torch.zeros(slots, dtype=torch.int32, device=device)
+    for b, (_, kv) in enumerate(lengths):
+        pos = torch.arange(kv, device=device)
+        phys = inp["block_tables"][b, pos // block].long() * block + pos % block
+        owner[phys] = b
+        logical[phys] = pos.to(torch.int32)
+    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32),
+                                    torch.tensor([q for q, _ in lengths], device=device))
+    q_pos = torch.cat([torch.arange(kv - q, kv, device=device, dtype=torch.int32) for q, kv in lengths])
+
+    def mask_mod(b, h, qi, ki):
+        return (owner[ki] == q_seq[qi]) & (logical[ki] <= q_pos[qi])
+
+    total_q = inp["q"].shape[0]
+    mask = create_block_mask(mask_mod, None, None, total_q, slots, device=device)
+    kf = k_cache.view(slots, hkv, d).transpose(0, 1)[None]
+    vf = v_cache.view(slots, hkv, d).transpose(0, 1)[None]
+    qf = inp["q"].transpose(0, 1)[None]
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(qf, kf, vf, block_mask=mask, enable_gqa=hq != hkv)
+
+
+def bench_prefill(sweep) -> list[dict]:
+    import torch.nn.functional as F
+
+    rows = []
+    dtype, device = torch.bfloat16, "cuda"
+    cases = [("prefill", [(length, length)] * n) for n, length in sweep["seqs"]]
+    # Mixed: 64 decodes at 4k context, two chunked prefills of 512 over a 2k prefix, one whole 1k.
+    cases.append(("mixed", [(1, 4096)] * 64 + [(512, 2560)] * 2 + [(1024, 1024)]))
+    for kind, lengths in cases:
+        for hq, hkv in sweep["heads"]:
+            for d in sweep["head_dim"]:
+                inp = _paged_inputs(lengths, hq, hkv, d, 16, dtype, device)
+                out = torch.empty_like(inp["q"])
+                # Causal FLOPs: 2 matmuls x 2 flops x sum over query rows of the keys each sees.
+                seen = sum(q * (kv - q) + q * (q + 1) / 2 for q, kv in lengths)
+                flops = 4 * hq * d * seen
+                # Prefill is compute-bound: one copy of the inputs (no L2 rotation needed).
+                ms = _rotating_bench(lambda i: _attend(inp, out), L2_BYTES)
+                dense = _dense_from_paged(inp, lengths, hkv)
+                qs = [inp["q"][s:e].transpose(0, 1)[None].contiguous()
+                      for s, e in zip(inp["cu_seqlens_q"][:-1].tolist(), inp["cu_seqlens_q"][1:].tolist())]
+
+                def sdpa():
+                    for (k, v), qq, (q_len, kv) in zip(dense, qs, lengths):
+                        # Bottom-right causal: a whole prefill is plain is_causal; decode rows see all.
+                        F.scaled_dot_product_attention(qq, k, v, is_causal=q_len == kv and q_len > 1,
+                                                       enable_gqa=hq != hkv)
+
+                # SDPA runs one call per sequence. In the mixed batch the decode rows see every key
+                # and the chunked rows are timed unmasked (SDPA-flash has no bottom-right mask):
+                # the same FLOP count within a few %, a speed yardstick only.
+                ms_sdpa = _sdpa_ms(sdpa, L2_BYTES)
+                ms_flex = float("nan")
+                try:
+                    flex = _flex_paged(inp, lengths, hq)
+                    flex()
+                    ms_flex = _rotating_bench(lambda i: flex, L2_BYTES)
+                except Exception as exc:  # flex needs triton codegen; report, do not fail
+                    print(f"flex attention unavailable: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+                rows.append(dict(kind=kind, batch=len(lengths), context=max(kv for _, kv in lengths), hq=hq,
+                                 hkv=hkv, head_dim=d, block=16, ms=ms, tflops=flops / ms / 1e9,
+                                 sdpa_ms=ms_sdpa, vs_sdpa_flash=ms_sdpa / ms, flex_ms=ms_flex, vs_flex=ms_flex / ms))
+                del inp, dense, qs
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _plot(rows: list[dict]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    decode = [r for r in rows if r["kind"] == "decode"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for ctx in sorted({r["context"] for r in decode}):
+        pts = sorted((r["batch"], r["pct_ceiling"]) for r in decode
+                     if r["context"] == ctx and r["hq"] == 32 and r["hkv"] == 8 and r["head_dim"] == 128 and r["block"] == 16)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"ctx {ctx}")
+    ax.axhline(80, color="grey", linestyle="--", label="goal 80%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (decodes)")
+    ax.set_ylabel(f"% of {HBM_CEILING_GBPS / 1000:.1f} TB/s")
+    ax.set_title(f"paged attention decode, bf16, Hq/Hkv 32/8, D 128, block 16 ({_gpu_tag()})")
+    ax.legend()
+    path = _out_path("png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# --------------------------------------------------------------------------- CPU
+def bench_cpu() -> list[dict]:
+    """Torch fallback vs the float64 reference on tiny shapes: correctness and wall time."""
+    from cbkernels.testing import make_paged_batch
+
+    rows = []
+    cases = [("decode", [(1, 512)] * 8), ("prefill", [(128, 128)] * 2), ("mixed", [(1, 300)] * 4 + [(32, 96)])]
+    for kind, lengths in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            b = make_paged_batch(lengths, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype)
+            args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.cu_seqlens_q)
+            out = torch.empty_like(b.q)
+            timings = {}
+            for name, fn in (("torch_fallback", lambda: _torch_ops.paged_attention(
+                    *args, out, None, scale=64**-0.5, sliding_window=None, softcap=None, sinks=None)),
+                    ("reference_fp64", lambda: reference(*args))):
+                fn()
+                start = time.perf_counter()
+                for _ in range(3):
+                    fn()
+                timings[name] = (time.perf_counter() - start) / 3 * 1e3
+            err = (out.double() - reference(*args).double()).abs().max().item()
+            rows.append(dict(kind=kind, dtype=str(dtype).removeprefix("torch."), batch=len(lengths),
+                             fallback_ms=timings["torch_fallback"], reference_ms=timings["reference_fp64"],
+                             max_abs_err=err, match=err <= TOLERANCES[dtype]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sweep")
+    parser.add_argument("--out", help="result directory (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.out:
+        global RESULTS_DIR
+        RESULTS_DIR = str(args.out)
+    if not torch.cuda.is_available():
+        print("No CUDA device: the Triton kernel cannot be timed here (the interpreter measures Python, "
+              "not the kernel). Checking and timing the CPU torch fallback against the fp64 reference instead.")
+        rows = bench_cpu()
+        _print_table(rows, ["kind", "dtype", "batch", "fallback_ms", "reference_ms", "max_abs_err", "match"])
+        print(f"\nwrote {_write_csv(rows)}")
+        return 0
+    torch.manual_seed(0)
+    decode = bench_decode(DECODE_QUICK if args.quick else DECODE_SWEEP)
+    _print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
+                          "paging_cost_pct", "vs_sdpa_pct"])
+    prefill = bench_prefill(PREFILL_QUICK if args.quick else PREFILL_SWEEP)
+    print()
+    _print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
+                           "vs_flex"])
+    rows = decode + prefill
+    print(f"\nwrote {_write_csv(rows)}")
+    png = _plot(rows)
+    if png:
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
