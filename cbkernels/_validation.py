@@ -210,3 +210,83 @@ def check_paged_attention(
         raise ValueError(f"max_seqlen_q {max_seqlen_q} is below the longest query chunk {int(q_lens.max())}")
     if batch and max_seqlen_k is not None and int(seq_lens.max()) > max_seqlen_k:
         raise ValueError(f"max_seqlen_k {max_seqlen_k} is below the longest sequence {int(seq_lens.max())}")
+
+
+# --------------------------------------------------------------------------- engine inputs
+# What the engine raises for (engine-level misuse, before anything is scheduled) versus what
+# it turns into a FAILED request (a problem of one prompt; the others still run):
+#   TypeError  - inputs not a list of token-id lists, a token id that is not an int, a
+#                generation_config that is not a GenerationConfig, a request_id not a str;
+#   ValueError - generation_config numbers out of range (temperature < 0, top_k < 0,
+#                top_p outside (0, 1]);
+#   FAILED     - empty prompt, token id outside [0, vocab_size), prompt + max_new_tokens
+#                past max_position_embeddings or past what the cache can ever hold,
+#                max_new_tokens <= 0.
+
+
+def _token_list(name: str, prompt) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints, got a {_dtype_name(prompt.dtype)} "
+                            f"tensor of shape {tuple(prompt.shape)}")
+        return prompt.tolist()
+    if isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
+    tokens = []
+    for j, t in enumerate(prompt):
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise TypeError(f"{name}[{j}] must be an int token id, got {type(t).__name__} {t!r:.40}")
+        tokens.append(int(t.__index__()))
+    return tokens
+
+
+def check_prompt(prompt, name: str = "prompt_ids") -> list[int]:
+    """One prompt as a plain ``list[int]`` (TypeError naming ``name`` otherwise)."""
+    return _token_list(name, prompt)
+
+
+def check_inputs(inputs) -> list[list[int]]:
+    """``Engine.generate``'s ``inputs``: a list (or tuple) of prompts, each a list of ints."""
+    if isinstance(inputs, (str, bytes, torch.Tensor)) or not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs must be a list of token-id lists, got {type(inputs).__name__}")
+    return [_token_list(f"inputs[{i}]", p) for i, p in enumerate(inputs)]
+
+
+def check_generation_config(gc) -> None:
+    """Type and range of the sampling fields the engine reads (shared by every request)."""
+    from transformers import GenerationConfig
+
+    if not isinstance(gc, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig or None, got {type(gc).__name__}")
+    mnt = gc.max_new_tokens
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int)):
+        raise TypeError(f"generation_config.max_new_tokens must be an int, got {type(mnt).__name__}")
+    for field_name in ("temperature", "top_p"):
+        v = getattr(gc, field_name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(f"generation_config.{field_name} must be a number, got {type(v).__name__}")
+    if gc.temperature is not None and not (math.isfinite(gc.temperature) and gc.temperature >= 0):
+        raise ValueError(f"generation_config.temperature must be a finite number >= 0, got {gc.temperature}")
+    if gc.top_p is not None and not (0.0 < gc.top_p <= 1.0):
+        raise ValueError(f"generation_config.top_p must be in (0, 1], got {gc.top_p}")
+    if gc.top_k is not None and (isinstance(gc.top_k, bool) or not isinstance(gc.top_k, int) or gc.top_k < 0):
+        raise ValueError(f"generation_config.top_k must be an int >= 0, got {gc.top_k!r}")
+
+
+def prompt_problem(tokens: list[int], max_new_tokens: int, *, vocab_size, max_positions, can_ever_fit) -> str | None:
+    """Why this one request cannot run (it becomes FAILED with this reason), or None."""
+    if not tokens:
+        return "empty prompt"
+    if max_new_tokens < 1:
+        return f"max_new_tokens must be >= 1, got {max_new_tokens}"
+    if vocab_size is not None:
+        bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+    total = len(tokens) + max_new_tokens
+    if max_positions is not None and total > max_positions:
+        return (f"prompt of {len(tokens)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"max_position_embeddings {max_positions}")
+    if not can_ever_fit(total):
+        return f"request needs more KV cache than exists: {len(tokens)} prompt + {max_new_tokens} new tokens"
+    return None

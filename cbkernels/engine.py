@@ -4,16 +4,36 @@ Each ``step()``: the scheduler picks requests and token counts -> copy-on-write 
 one packed model forward (``ModelRunner``) -> sampled tokens update the request states ->
 finished requests free their blocks. ``generate()`` runs steps until every request is done;
 ``add_request`` / ``stream`` / ``cancel`` / ``get_result`` serve requests one by one.
+
+Reliability contract:
+
+* Engine-level misuse raises before anything is scheduled: ``TypeError`` for inputs that
+  are not lists of int token ids or a ``generation_config`` that is not a GenerationConfig,
+  ``ValueError`` for out-of-range sampling numbers or a reused ``request_id``, ``KeyError``
+  for an unknown ``request_id`` (see ``_validation.check_inputs``).
+* A problem of one prompt (empty, a token id outside the vocabulary, longer than the
+  model's positions or the cache, ``max_new_tokens <= 0``) makes that request FAILED with a
+  reason on ``.error``; the others run.
+* An exception inside a step (model forward, sampling) fails exactly that step's requests
+  with the error text, frees their blocks, and the engine keeps serving. A
+  ``KeyboardInterrupt`` (any ``BaseException``) does the same, then propagates; inside
+  ``generate`` the call's unfinished requests are failed and freed and the model's
+  attention implementation is restored, so the engine stays reusable.
+* Thread safety: one lock guards the scheduler and request state. ``start()`` runs the
+  steps in a background thread; then ``add_request`` / ``cancel`` / ``stream`` /
+  ``generate`` may be called from any thread (``stream`` waits on a condition variable).
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ._validation import check_generation_config, check_inputs, check_prompt, prompt_problem
 from .cache import PagedAttentionCache
 from .config import BatchConfig
 from .integration import NAME, register
@@ -21,6 +41,8 @@ from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .requests import Request, RequestOutput, RequestStatus as S, SamplingParams
 from .scheduler import make_scheduler
+from .serving import WAIT_RECHECK_S as _WAIT_RECHECK_S, ServingLoop
+
 
 
 def _resolve_backend(config: BatchConfig, device: torch.device) -> str:
@@ -31,8 +53,10 @@ def _resolve_backend(config: BatchConfig, device: torch.device) -> str:
     return "triton" if use_triton(torch.empty(0, device=device)) else "torch"
 
 
-class Engine:
+class Engine(ServingLoop):
     def __init__(self, model, config: Optional[BatchConfig] = None):
+        if config is not None and not isinstance(config, BatchConfig):
+            raise TypeError(f"config must be a cbkernels.BatchConfig or None, got {type(config).__name__}")
         register()
         self.model = model
         self.config = config if config is not None else BatchConfig()
@@ -49,6 +73,15 @@ class Engine:
         self._stats = EngineMetrics()
         self._ids = itertools.count()
         self._saved_attn: Optional[str] = None
+        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._vocab_size = getattr(mc, "vocab_size", None)
+        self._max_positions = getattr(mc, "max_position_embeddings", None)
+        self.num_steps = 0
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified after every state change
+        self._loop: Optional[threading.Thread] = None
+        self._stopping = False
+        self.loop_error: Optional[BaseException] = None
 
     # ---------------------------------------------------------------- attention switch
     def _activate(self) -> None:
@@ -68,62 +101,124 @@ class Engine:
         try:
             yield
         finally:
-            self._restore()
+            with self._lock:
+                if not self._serving_elsewhere():
+                    self._restore()
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, prompt_ids: Sequence[int], generation_config=None, request_id: Optional[str] = None) -> str:
+    def _params(self, generation_config) -> SamplingParams:
         gc = generation_config if generation_config is not None else self.model.generation_config
-        params = SamplingParams.from_generation_config(gc)
+        check_generation_config(gc)
+        return SamplingParams.from_generation_config(gc)
+
+    def _request(self, request_id: str) -> Request:
+        try:
+            return self.requests[request_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"unknown request_id {request_id!r}") from None
+
+    def add_request(self, prompt_ids: Sequence[int], generation_config=None, request_id: Optional[str] = None) -> str:
+        """Queue one prompt; returns its id. Raises TypeError/ValueError for misuse (see the
+        module docstring); a prompt that cannot run is recorded as FAILED with a reason."""
+        tokens = check_prompt(prompt_ids)
+        params = self._params(generation_config)
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__}")
+        with self._lock:
+            return self._add(tokens, params, request_id)
+
+    def _add(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
         index = next(self._ids)
         rid = request_id if request_id is not None else f"req-{index}"
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        req = Request(rid, len(prompt_ids), [int(t) for t in prompt_ids], params, arrival_index=index)
+        req = Request(rid, len(tokens), tokens, params, arrival_index=index, arrival_step=self.num_steps)
         self.requests[rid] = req
-        if not prompt_ids:
-            req.fail("empty prompt")
+        problem = prompt_problem(tokens, params.max_new_tokens, vocab_size=self._vocab_size,
+                                 max_positions=self._max_positions, can_ever_fit=self.cache.can_ever_fit)
+        if problem is not None:
+            req.fail(problem)
             self._stats.record_request(req.to_output())
-        elif params.max_new_tokens < 1:
-            req.transition(S.FINISHED)
-            req.finish_reason, req.finish_time = "length", time.perf_counter()
         else:
             self.scheduler.add(req)
+        self._changed.notify_all()
         return rid
 
     def cancel(self, request_id: str) -> None:
-        req = self.requests[request_id]
-        if req.is_done:
-            return
-        self.scheduler.finish(req)
-        req.transition(S.FINISHED)
-        req.finish_reason, req.finish_time = "cancelled", time.perf_counter()
+        """Stop a request wherever it is (waiting, prefilling, decoding) and free its blocks;
+        a finished request is left as it is."""
+        with self._lock:
+            req = self._request(request_id)
+            if req.is_done:
+                return
+            self.scheduler.finish(req)
+            req.transition(S.FINISHED)
+            req.finish_reason, req.finish_time = "cancelled", time.perf_counter()
+            self._changed.notify_all()
 
     def get_result(self, request_id: str) -> RequestOutput:
-        return self.requests[request_id].to_output()
+        with self._lock:
+            return self._request(request_id).to_output()
 
     def stream(self, request_id: str) -> Iterator[int]:
-        """New tokens of one request as they are generated (drives the engine)."""
-        req = self.requests[request_id]
+        """New tokens of one request as they are generated. Without a serving loop the
+        caller drives the engine; with one (``start()``) it waits for the loop's steps."""
+        with self._lock:
+            req = self._request(request_id)
         seen = 0
         while True:
-            gen = req.generated
-            yield from gen[seen:]
-            seen = len(gen)
-            if req.is_done or not self.scheduler.has_work():
+            with self._changed:
+                while len(req.tokens) - req.prompt_len <= seen and not req.is_done:
+                    if self._serving_elsewhere():
+                        self._changed.wait(_WAIT_RECHECK_S)
+                    elif self.scheduler.has_work():
+                        self.step()
+                    else:
+                        break
+                new = req.tokens[req.prompt_len + seen:]
+                seen += len(new)
+                done = req.is_done or not (self.scheduler.has_work() or self._serving_elsewhere())
+            yield from new
+            if done:
                 return
-            self.step()
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[tuple[str, int]]:
-        """One scheduling step and forward; returns the (request_id, token) pairs it made."""
+        """One scheduling step and forward; returns the (request_id, token) pairs it made.
+        An exception in the forward or sampling fails this step's requests (blocks freed)
+        and is swallowed; a BaseException (KeyboardInterrupt) does the same, then propagates."""
+        with self._changed:
+            try:
+                return self._step()
+            finally:
+                self._changed.notify_all()
+
+    def _step(self) -> list[tuple[str, int]]:
         start = time.perf_counter()
         self._activate()
         batch = self.scheduler.schedule()
+        self.num_steps += 1
         for req in batch.failed:
             self._stats.record_request(req.to_output())
         if not batch.requests:
             self._unstick()
             return []
+        for req in batch.requests:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
+        try:
+            made = self._run(batch)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below unless an ordinary error
+            self._fail_requests(batch.requests, f"step failed: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, Exception):
+                raise
+            made = []
+        self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start)
+        if not self.scheduler.has_work():
+            self._restore()
+        return made
+
+    def _run(self, batch) -> list[tuple[str, int]]:
         self.cache.apply_copies(batch.copies)
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
         reqs = [batch.requests[i] for i in order]
@@ -146,10 +241,16 @@ class Engine:
                 req.finish_reason, req.finish_time = reason, now
                 self.scheduler.finish(req)
                 self._stats.record_request(req.to_output())
-        self._stats.record_step(counts, len(made), len(batch.preempted), time.perf_counter() - start)
-        if not self.scheduler.has_work():
-            self._restore()
         return made
+
+    def _fail_requests(self, reqs, reason: str) -> None:
+        """Fail every live request of ``reqs`` with ``reason`` and free its blocks."""
+        for req in reqs:
+            if req.is_done:
+                continue
+            self.scheduler.finish(req)
+            req.fail(reason)
+            self._stats.record_request(req.to_output())
 
     def _unstick(self) -> None:
         """Nothing could be scheduled: if nothing runs either, the head request can never
@@ -165,17 +266,41 @@ class Engine:
         self._stats.record_request(req.to_output())
 
     def generate(self, inputs: Sequence[Sequence[int]], generation_config=None) -> list[RequestOutput]:
-        """Generate for every prompt (lists of token ids); outputs in input order. Errors
-        do not raise: they land on the output's ``.error``."""
-        with self._attention():
-            ids = [self.add_request(p, generation_config) for p in inputs]
-            while self.scheduler.has_work():
-                self.step()
+        """Generate for every prompt (lists of token ids); outputs in input order.
+
+        Misuse of the call (``inputs`` not a list of int lists, a bad ``generation_config``)
+        raises TypeError/ValueError before anything is queued. Problems of single prompts
+        and faults during a step do not raise: they land on that output's ``.error``. An
+        interrupt (KeyboardInterrupt) fails and frees this call's requests, then propagates."""
+        prompts = check_inputs(inputs)
+        params = self._params(generation_config)
+        with self._lock:
+            ids = [self._add(p, params) for p in prompts]
+        reqs = [self.requests[rid] for rid in ids]
+        try:
+            with self._attention():
+                self._drive_until_done(reqs)
+        except BaseException as exc:
+            with self._lock:
+                self._fail_requests(reqs, f"generate interrupted: {type(exc).__name__}")
+                self._changed.notify_all()
+            raise
         return [self.get_result(rid) for rid in ids]
 
+    def _drive_until_done(self, reqs: list[Request]) -> None:
+        with self._changed:
+            while not all(r.is_done for r in reqs):
+                if self._serving_elsewhere():
+                    self._changed.wait(_WAIT_RECHECK_S)
+                elif self.scheduler.has_work():
+                    self.step()
+                else:  # cannot happen for live requests; never spin
+                    raise RuntimeError("engine has live requests but no scheduled work")
+
     def metrics(self) -> dict:
-        return self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                                    cache=self.cache)
+        with self._lock:
+            return self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                                        cache=self.cache)
 
 
 def generate_batch(model, inputs, generation_config=None, config: Optional[BatchConfig] = None) -> list[RequestOutput]:

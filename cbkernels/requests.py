@@ -78,6 +78,9 @@ class Request:
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
+    arrival_step: int = 0  # engine steps run before the request arrived
+    first_scheduled_time: Optional[float] = None  # first step that ran any of its tokens
+    first_scheduled_step: Optional[int] = None
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finish_time: Optional[float] = None
