@@ -290,3 +290,16 @@ def prompt_problem(tokens: list[int], max_new_tokens: int, *, vocab_size, max_po
     if not can_ever_fit(total):
         return f"request needs more KV cache than exists: {len(tokens)} prompt + {max_new_tokens} new tokens"
     return None
+
+
+def check_count(name: str, value, minimum: int = 0) -> None:
+    """``value`` must be an int (not a bool) >= ``minimum``: TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_request_id(request_id) -> None:
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")

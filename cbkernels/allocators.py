@@ -12,9 +12,13 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from typing import Optional
 
+from ._validation import check_count, check_request_id
+
 
 class OutOfBlocks(RuntimeError):
-    pass
+    """More blocks asked for than are free: a resource shortage, not a bad argument (the
+    scheduler waits or preempts on it). Bad arguments raise TypeError / ValueError naming
+    them; freeing an unknown request id is a no-op, so freeing twice is safe."""
 
 
 def chain_hash(parent: Optional[int], block_tokens) -> int:
@@ -24,6 +28,7 @@ def chain_hash(parent: Optional[int], block_tokens) -> int:
 
 class BlockPool:
     def __init__(self, num_blocks: int):
+        check_count("num_blocks", num_blocks, 1)
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))
@@ -73,12 +78,21 @@ class BlockPool:
         return block in self.block_to_hash
 
 
+def _check_allocation(n, request_id, num_computed) -> None:
+    check_count("n", n, 0)
+    check_request_id(request_id)
+    check_count("num_computed", num_computed, 0)
+
+
 class CacheAllocator(ABC):
     """Logical -> physical blocks of every request, for one group of layers."""
 
     sliding_window: Optional[int] = None
 
     def __init__(self, pool: BlockPool, block_size: int):
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a BlockPool, got {type(pool).__name__}")
+        check_count("block_size", block_size, 1)
         self.pool = pool
         self.block_size = block_size
         self.tables: dict[str, list[int]] = {}
@@ -111,6 +125,7 @@ class FullAttentionCacheAllocator(CacheAllocator):
         return max(0, -(-new_len // self.block_size) - len(self.block_table(request_id)))
 
     def allocate_blocks(self, n, request_id, num_computed=0):
+        _check_allocation(n, request_id, num_computed)
         if n > self.pool.num_free():
             raise OutOfBlocks(f"request {request_id} needs {n} blocks, {self.pool.num_free()} free")
         new = [self.pool.take() for _ in range(n)]
@@ -148,6 +163,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
 
     def __init__(self, pool: BlockPool, block_size: int, sliding_window: int):
         super().__init__(pool, block_size)
+        check_count("sliding_window", sliding_window, 1)
         self.sliding_window = sliding_window
         self.ring_size = -(-sliding_window // block_size) + 1
         self.held: dict[str, deque[int]] = {}  # logical indices still owned, oldest first
@@ -161,6 +177,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
         return max(0, new - self._recyclable(request_id, num_computed))
 
     def allocate_blocks(self, n, request_id, num_computed=0):
+        _check_allocation(n, request_id, num_computed)
         table = self.tables.setdefault(request_id, [])
         held = self.held.setdefault(request_id, deque())
         first_visible = num_computed - self.sliding_window + 1

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._validation import check_count, check_request_id
 from .allocators import (  # noqa: F401  (re-exported)
     BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks,
     SlidingAttentionCacheAllocator, chain_hash,
@@ -45,6 +46,14 @@ class PagedAttentionCache:
         device: torch.device | str = "cpu", layer_windows: Optional[Sequence[Optional[int]]] = None,
         prefix_caching: bool = True,
     ):
+        for name, value, low in (("num_blocks", num_blocks, 1), ("block_size", block_size, 1),
+                                 ("max_batch_tokens", max_batch_tokens, 1), ("num_layers", num_layers, 0),
+                                 ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1)):
+            check_count(name, value, low)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if layer_windows is not None and len(layer_windows) != num_layers:
+            raise ValueError(f"layer_windows must have num_layers ({num_layers}) entries, got {len(layer_windows)}")
         self.num_blocks, self.block_size, self.max_batch_tokens = num_blocks, block_size, max_batch_tokens
         self.num_layers = num_layers
         windows = list(layer_windows) if layer_windows is not None else [None] * num_layers
@@ -103,10 +112,14 @@ class PagedAttentionCache:
 
     def allocate_blocks(self, n: int, request_id: str) -> list[int]:
         """Append ``n`` blocks to the request in the first layer group (the primitive the
-        scheduler-level ``reserve`` builds on)."""
+        scheduler-level ``reserve`` builds on). TypeError / ValueError name a bad ``n`` or
+        ``request_id``; more than ``get_num_free_blocks()`` raises ``OutOfBlocks``."""
         return self.allocators[0].allocate_blocks(n, request_id)
 
     def free_blocks(self, request_id: str) -> None:
+        """Give the request's blocks back; an unknown ``request_id`` is a no-op (freeing twice
+        is safe, which the fault paths rely on)."""
+        check_request_id(request_id)
         for alloc in self.allocators:
             alloc.free_blocks(request_id)
 

@@ -19,23 +19,35 @@ def default_model_dir() -> pathlib.Path:
     return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
+# Weight files that unpickle (and so can run code) when loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def load_model(path_or_dir, *, dtype=torch.float32, allow_pickle: bool = False, **kwargs):
     """(model, tokenizer) from a local HF directory (safetensors unless ``allow_pickle``)
-    or a ``.gguf`` file."""
+    or a ``.gguf`` file. Never touches the network (``local_files_only=True``); a directory
+    without ``.safetensors`` weights is refused unless ``allow_pickle=True``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs.setdefault("local_files_only", True)
     path = pathlib.Path(path_or_dir)
     if not path.exists():
         raise ValueError(f"path_or_dir does not exist: {path}")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"path_or_dir must be a directory or a .gguf file, got {path.name}")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kwargs)
     else:
         if not allow_pickle:
+            if not any(path.glob("*.safetensors")):
+                pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+                raise ValueError(f"path_or_dir {path} holds no .safetensors weights"
+                                 + (f" (only pickled {', '.join(pickled)})" if pickled else "")
+                                 + "; pickled checkpoints can run code when loaded: pass allow_pickle=True "
+                                 "only for files you trust")
             kwargs.setdefault("use_safetensors", True)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model.eval(), tok
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ._validation import check_count
 from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
 from .requests import Request, RequestStatus as S
@@ -36,6 +37,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int = 64):
+        if not isinstance(cache, PagedAttentionCache):
+            raise TypeError(f"cache must be a PagedAttentionCache, got {type(cache).__name__}")
+        check_count("max_batch_tokens", max_batch_tokens, 1)
+        check_count("max_num_seqs", max_num_seqs, 1)
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -44,6 +49,10 @@ class Scheduler:
 
     # -------------------------------------------------------------- queue verbs
     def add(self, req: Request) -> None:
+        if not isinstance(req, Request):
+            raise TypeError(f"req must be a Request, got {type(req).__name__}")
+        if req.status is not S.PENDING:
+            raise ValueError(f"req must be PENDING to be queued, got {req.status.name}")
         self.waiting.append(req)
 
     def has_work(self) -> bool:
@@ -162,5 +171,8 @@ class PrefillFirstScheduler(Scheduler):
 
 
 def make_scheduler(name: str, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int) -> Scheduler:
-    cls = {"fifo": FIFOScheduler, "prefill_first": PrefillFirstScheduler}[name]
+    classes = {"fifo": FIFOScheduler, "prefill_first": PrefillFirstScheduler}
+    if not isinstance(name, str) or name not in classes:
+        raise ValueError(f"scheduler must be one of {tuple(classes)}, got {name!r}")
+    cls = classes[name]
     return cls(cache, max_batch_tokens, max_num_seqs)
