@@ -29,6 +29,14 @@ def _model_and_prompts(args):
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.random_llama:
+        from .benchmarks.workloads import llama_shaped, random_prompts
+
+        model = llama_shaped(args.random_llama, dtype=dtype, device=device)
+        prompts = random_prompts(args.prompts, model.config.vocab_size)
+        # No EOS: every request generates max_new_tokens, so runs are comparable.
+        gc = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return model, prompts, gc
     try:
         model, tok = load_default_model(dtype=dtype) if args.model is None else load_model(args.model, dtype=dtype)
     except (ValueError, OSError) as exc:
@@ -48,6 +56,8 @@ def run_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.random_llama is not None and args.random_llama < 1:
+        raise UsageError(f"--random-llama must be a positive layer count, got {args.random_llama}")
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model: no such file or directory: {args.model}")
     out = Path(args.out) if args.out else None
@@ -89,6 +99,9 @@ def add_parser(sub) -> None:
     p.add_argument("part", nargs="?", choices=PARTS + ("all",), default="all")
     p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
     p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--random-llama", type=int, metavar="LAYERS",
+                   help="instead of a real model: random weights with Llama-3-8B layer shapes and this many layers "
+                        "(GPU benchmarks; prompts are random token ids)")
     p.add_argument("--prompts", type=int, default=16, help="number of chat prompts")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -14,14 +14,19 @@ import torch
 
 from .common import print_table, pyplot, result_path, write_csv
 
-# transformers' continuous batching sized as TRANSFORMERS_CB.md measured it on this CPU.
+# transformers' continuous batching sized as TRANSFORMERS_CB.md measured it on this CPU
+# (its blocks hold 256 tokens), and cbkernels given the same token capacity and step budget.
 SMALL_CACHE = dict(num_blocks=32, max_batch_tokens=1024)
+TF_PAGE_SIZE = 256
+OUR_BLOCK_SIZE = 16
+SAME_CACHE = dict(num_blocks=SMALL_CACHE["num_blocks"] * TF_PAGE_SIZE // OUR_BLOCK_SIZE, block_size=OUR_BLOCK_SIZE,
+                  max_batch_tokens=SMALL_CACHE["max_batch_tokens"])
 SEQUENTIAL = "sequential generate()"
 TF_SMALL = "transformers generate_batch sdpa, small cache"
 TF_PAGED_EAGER = "transformers generate_batch paged|eager, small cache"
 TF_DEFAULT = "transformers generate_batch sdpa, default config"
-OURS = "cbkernels Engine (fifo)"
-OURS_PREFILL_FIRST = "cbkernels Engine (prefill_first)"
+OURS = "cbkernels Engine fifo, same cache"
+OURS_PREFILL_FIRST = "cbkernels Engine prefill_first, same cache"
 # Peers every run is divided by: (column name, run name).
 RATIO_TO = [("x_vs_tf_small", TF_SMALL), ("x_vs_tf_default", TF_DEFAULT), ("x_vs_sequential", SEQUENTIAL)]
 
@@ -84,8 +89,8 @@ def run_peers(model, prompts, gc, *, include_default=True, out_dir=None, progres
         (TF_SMALL, lambda: run_transformers(model, prompts, gc, "sdpa", SMALL_CACHE)),
         (TF_PAGED_EAGER, lambda: run_transformers(model, prompts, gc, "paged|eager", SMALL_CACHE)),
         (TF_DEFAULT, lambda: run_transformers(model, prompts, gc, "sdpa", None)),
-        (OURS, lambda: run_cbkernels(model, prompts, gc, BatchConfig())),
-        (OURS_PREFILL_FIRST, lambda: run_cbkernels(model, prompts, gc, BatchConfig(scheduler="prefill_first"))),
+        (OURS, lambda: run_cbkernels(model, prompts, gc, BatchConfig(**SAME_CACHE))),
+        (OURS_PREFILL_FIRST, lambda: run_cbkernels(model, prompts, gc, BatchConfig(scheduler="prefill_first", **SAME_CACHE))),
     ]
     if not include_default:
         runs = [r for r in runs if r[0] != TF_DEFAULT]

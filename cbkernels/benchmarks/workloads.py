@@ -50,6 +50,32 @@ def tiny_llama(vocab: int = 512, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+# Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256):
+# a GPU benchmark model that needs no download; only the layer count is cut.
+LLAMA3_8B_SHAPES = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                        vocab_size=128256, max_position_embeddings=8192)
+
+
+def llama_shaped(layers: int, dtype=torch.bfloat16, device="cuda", seed: int = 0):
+    """A random-weight model with Llama-3-8B layer shapes and ``layers`` layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(num_hidden_layers=layers, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                      **LLAMA3_8B_SHAPES)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def random_prompts(n: int, vocab: int, low: int = 32, high: int = 512, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of uniformly drawn lengths, for models without a tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(low, high + 1, (n,), generator=gen).tolist()
+    return [torch.randint(1, vocab, (k,), generator=gen).tolist() for k in lens]
+
+
 def run_engine(model, prompts: list[list[int]], generation_config, config) -> RunResult:
     """One timed ``Engine.generate`` (the engine's construction excluded)."""
     from ..engine import Engine
