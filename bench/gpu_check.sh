@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 step install 120 python3 -m pip install -q --no-deps --no-build-isolation -e .
 # The same tests as CI, now on the compiled kernels (tests needing the 93 MB embedded model skip).
-step tests 240 pytest -q -x -p no:cacheprovider --ignore=tests/test_aot.py --ignore=tests/test_soak.py
+step tests 240 pytest -q -p no:cacheprovider --ignore=tests/test_aot.py --ignore=tests/test_soak.py
 step kv-cache-bench 60 python3 bench/bench_kv_cache.py --out "$OUT"
 step paged-attention-bench 150 python3 bench/bench_paged_attention.py --quick --out "$OUT"
 step engine-bench 180 cbkernels bench peers --random-llama 4 --prompts 64 --max-new-tokens 64 --quiet --out "$OUT"

