@@ -47,6 +47,8 @@ def check_tensor(
 
 def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """``t`` must match ``ref`` in shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
     if t.dtype != ref.dtype:
