@@ -50,9 +50,12 @@ def cbkernels_attention(module, query, key, value, attention_mask, dropout: floa
     window = group.sliding_window if group.sliding_window is not None else kwargs.get("sliding_window")
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, Hkv, D]
     if meta.backend == "torch":  # slots come from the engine: no validation, no sync
-        row_shape = k_cache.shape[2:]
-        k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
-        v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
+        if meta.padded:  # padding rows of a decode bucket hold slot -1: skip them
+            _torch_ops.scatter_kv(new_k, new_v, k_cache, v_cache, group.slot_mapping)
+        else:
+            row_shape = k_cache.shape[2:]
+            k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
+            v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
         if softcap is None and sinks is None:
             return _torch_ops.engine_attention(query, key, value, k_cache, v_cache, meta, group, scale=scale), None
         q = query[0].transpose(0, 1)

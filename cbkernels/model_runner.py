@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .cache import PagedAttentionCache
+from .cuda_graphs import DecodeGraphs, resolve_use_cuda_graph
 from .requests import Request
 from .sampling import sample
 
@@ -46,6 +47,7 @@ class PagedMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one query row
     prefill_spans: list  # (start, end, kv_len) of every other sequence
     backend: str  # "torch" or "triton"
+    padded: bool = False  # slot_mapping may hold -1: padding rows of a CUDA-graph bucket, never written
     layers_seen: int = 0  # attention calls that used this metadata (checked after the forward)
 
 
@@ -56,13 +58,23 @@ def _positions_to_slots(table_rows: torch.Tensor, positions: torch.Tensor, block
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedAttentionCache, backend: str, generator: Optional[torch.Generator]):
+    """``use_cuda_graph`` follows ``BatchConfig.use_cuda_graph`` (None: on for CUDA with the
+    Triton backend); ``max_num_seqs`` bounds the largest decode graph. Decode-only steps then
+    run through ``self.graphs`` (``cbkernels.cuda_graphs``), every other step eagerly."""
+
+    def __init__(self, model, cache: PagedAttentionCache, backend: str, generator: Optional[torch.Generator],
+                 *, use_cuda_graph: Optional[bool] = False, max_num_seqs: Optional[int] = None):
         self.model = model
         self.cache = cache
         self.backend = backend
         self.generator = generator
         self.device = cache.kv.device
         self._no_mask = torch.ones(_NO_MASK_SHAPE, dtype=torch.bool, device=self.device)
+        self.graphs: Optional[DecodeGraphs] = None
+        self.eager_steps = 0
+        if resolve_use_cuda_graph(use_cuda_graph, self.device, backend):
+            limit = cache.max_batch_tokens if max_num_seqs is None else min(max_num_seqs, cache.max_batch_tokens)
+            self.graphs = DecodeGraphs(self, limit)
 
     def build(self, requests: list[Request], num_tokens: list[int]):
         """Packed inputs and metadata; ``requests`` must list one-row requests first."""
@@ -115,27 +127,47 @@ class ModelRunner:
                 pos = torch.arange(seq_lens[b])
                 meta.prefix_slots.append(_positions_to_slots(rows[b:b + 1], pos, bs)[0].to(dev))
 
-    @torch.inference_mode()
-    def step(self, requests: list[Request], num_tokens: list[int]) -> dict[int, int]:
-        """Run one forward; returns {index into requests: sampled token} for the requests
-        whose chunk reaches the end of their known tokens."""
-        input_ids, position_ids, meta = self.build(requests, num_tokens)
-        sampling = [i for i, (r, n) in enumerate(zip(requests, num_tokens)) if r.num_computed + n == len(r.tokens)]
-        if not sampling:
-            rows = torch.tensor([0], dtype=torch.int64, device=self.device)  # logits unused
-        else:
-            cu = meta.cu_seqlens_q.tolist()
-            rows = torch.tensor([cu[i + 1] - 1 for i in sampling], dtype=torch.int64, device=self.device)
+    def forward(self, input_ids, position_ids, meta: PagedMetadata, logits_to_keep) -> torch.Tensor:
+        """Model forward over one packed step: logits [1, S, V]."""
         out = self.model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=self._no_mask,
-            use_cache=False, logits_to_keep=rows, **{METADATA_KWARG: meta},
+            use_cache=False, logits_to_keep=logits_to_keep, **{METADATA_KWARG: meta},
         )
         if meta.layers_seen != self.cache.num_layers:
             raise RuntimeError(
                 f"{meta.layers_seen} of {self.cache.num_layers} attention layers ran the paged path: the model's "
                 "attention modules do not dispatch through config._attn_implementation='cbkernels'")
+        return out.logits
+
+    def graph_stats(self) -> dict:
+        """Steps that ran the padded decode path (graph replays) vs eagerly."""
+        stats = {"eager_steps": self.eager_steps, "cuda_graph_steps": 0, "cuda_graphs_captured": 0}
+        if self.graphs is not None:
+            stats.update(self.graphs.stats())
+        return stats
+
+    @torch.inference_mode()
+    def step(self, requests: list[Request], num_tokens: list[int]) -> dict[int, int]:
+        """Run one forward; returns {index into requests: sampled token} for the requests
+        whose chunk reaches the end of their known tokens."""
+        sampling = [i for i, (r, n) in enumerate(zip(requests, num_tokens)) if r.num_computed + n == len(r.tokens)]
+        bucket = self.graphs.bucket_for(requests, num_tokens) if self.graphs is not None else None
+        logits = self.graphs.run(requests, bucket) if bucket is not None else None
+        if logits is not None:  # one row per request
+            logits = logits[sampling]
+        else:
+            self.eager_steps += 1
+            logits = self._eager(requests, num_tokens, sampling)
         if not sampling:
             return {}
-        logits = out.logits[0]  # [S, V]
         tokens = sample(logits, [requests[i].params for i in sampling], self.generator)
         return dict(zip(sampling, tokens))
+
+    def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
+        input_ids, position_ids, meta = self.build(requests, num_tokens)
+        if not sampling:
+            rows = torch.tensor([0], dtype=torch.int64, device=self.device)  # logits unused
+        else:
+            cu = meta.cu_seqlens_q.tolist()
+            rows = torch.tensor([cu[i + 1] - 1 for i in sampling], dtype=torch.int64, device=self.device)
+        return self.forward(input_ids, position_ids, meta, rows)[0]  # [S, V]

@@ -1,0 +1,219 @@
+"""Padded decode buckets (cbkernels.cuda_graphs): on CPU the padded static-buffer path runs
+eagerly (``capture=False``) and must give the tokens of the normal engine and of
+``model.generate()``; with CUDA, a real capture + replay must match eager."""
+import inspect
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from cbkernels import BatchConfig, Engine
+from cbkernels.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
+from cbkernels.model_runner import ModelRunner
+
+VOCAB = 96
+# Awkward prompt lengths around blocks of 4, and per-request budgets so that requests finish
+# at different steps and the decode batch shrinks through several buckets.
+LENGTHS = (3, 9, 17, 5, 12, 1, 7)
+MAX_NEW = (6, 11, 3, 9, 5, 8, 2)
+BLOCK_SIZE = 4
+MAX_BATCH = 8  # largest bucket in these tests: 5 requests pad to 8, 3 to 4
+
+
+def _gen(max_new):
+    return GenerationConfig(max_new_tokens=max_new, pad_token_id=0, eos_token_id=None)
+
+
+def _llama(device="cpu", max_positions=256):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _reference(model, prompts, max_news):
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p], device=model.device), generation_config=_gen(m))[0, len(p):].tolist()
+                for p, m in zip(prompts, max_news)]
+
+
+def _padded(engine, capture=False, max_batch=MAX_BATCH):
+    engine.runner.graphs = DecodeGraphs(engine.runner, max_batch, capture=capture)
+    return engine
+
+
+def _run(engine, prompts, max_news):
+    ids = [engine.add_request(p, _gen(m)) for p, m in zip(prompts, max_news)]
+    while engine.scheduler.has_work():
+        engine.step()
+    return [engine.get_result(i).generated_tokens for i in ids]
+
+
+# --------------------------------------------------------------------------- configuration
+def test_bucket_sizes():
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert bucket_sizes(5) == [1, 2, 4, 5] and bucket_sizes(1) == [1] and bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
+    for top in (1, 3, 8, 9, 37, 64):
+        sizes = bucket_sizes(top)
+        for n in range(1, top + 1):
+            bucket = next(b for b in sizes if b >= n)
+            assert bucket - n < max(n, BUCKET_STEP)  # padding under 2x, and under 8 rows past 8
+
+
+def test_use_cuda_graph_resolution(llama):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_use_cuda_graph(None, cpu, "torch") is False
+    assert resolve_use_cuda_graph(None, cpu, "triton") is False
+    assert resolve_use_cuda_graph(None, cuda, "triton") is True
+    assert resolve_use_cuda_graph(None, cuda, "torch") is False
+    assert resolve_use_cuda_graph(False, cuda, "triton") is False
+    for device, backend in ((cpu, "torch"), (cpu, "triton"), (cuda, "torch")):
+        with pytest.raises(ValueError, match="use_cuda_graph"):
+            resolve_use_cuda_graph(True, device, backend)
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        BatchConfig(use_cuda_graph=1)
+    engine = Engine(llama, BatchConfig(backend="torch"))
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        ModelRunner(llama, engine.cache, "torch", None, use_cuda_graph=True)
+    assert ModelRunner(llama, engine.cache, "torch", None, use_cuda_graph=None).graphs is None
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        DecodeGraphs(engine.runner, MAX_BATCH, capture=True)
+
+
+_WIRED = "use_cuda_graph" in inspect.getsource(Engine.__init__)
+
+
+@pytest.mark.skipif(not _WIRED, reason="engine.py does not pass BatchConfig.use_cuda_graph to ModelRunner yet")
+def test_engine_config_use_cuda_graph_on_cpu(llama):
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        Engine(llama, BatchConfig(backend="torch", use_cuda_graph=True))
+    assert Engine(llama, BatchConfig(backend="torch")).runner.graphs is None
+    assert Engine(llama, BatchConfig(backend="torch", use_cuda_graph=False)).runner.graphs is None
+
+
+def test_which_steps_pad(llama, prompts):
+    engine = _padded(Engine(llama, BatchConfig(backend="torch", block_size=BLOCK_SIZE)))
+    graphs = engine.runner.graphs
+    for p in prompts[:3]:
+        engine.add_request(p, _gen(4))
+    engine.step()  # the prefills
+    reqs = list(engine.scheduler.running)
+    assert graphs.bucket_for(reqs, [1, 1, 1]) == 4
+    assert graphs.bucket_for(reqs[:1], [1]) == 1
+    assert graphs.bucket_for(reqs, [1, 1, 2]) is None  # a prefill chunk: eager
+    assert graphs.bucket_for(reqs * 3, [1] * 9) is None  # more than the largest bucket
+    graphs.width = 1  # tables wider than the static block table: eager
+    assert graphs.bucket_for(reqs, [1, 1, 1]) is None
+
+
+# --------------------------------------------------------------------------- token identity
+@pytest.mark.parametrize("count,bucket", [(3, 4), (5, 8)])
+def test_padded_decode_matches_generate(llama, prompts, count, bucket):
+    chosen, max_news = prompts[:count], MAX_NEW[:count]
+    config = dict(backend="torch", block_size=BLOCK_SIZE)
+    padded = _padded(Engine(llama, BatchConfig(**config)))
+    got = _run(padded, chosen, max_news)
+    assert got == _reference(llama, chosen, max_news)
+    assert got == _run(Engine(llama, BatchConfig(**config)), chosen, max_news)
+    stats = padded.runner.graph_stats()
+    assert stats["cuda_graph_buckets"][bucket] >= 1  # the full batch padded to its bucket
+    assert len(stats["cuda_graph_buckets"]) >= 2  # finishing requests moved it to smaller ones
+    assert stats["eager_steps"] >= 1  # prefills stay eager
+    assert padded.cache.get_num_free_blocks() == padded.cache.num_blocks
+
+
+def test_padded_decode_with_preemption(llama, prompts):
+    # 12 blocks of 4 cannot hold all seven requests at once: the newest get preempted.
+    padded = _padded(Engine(llama, BatchConfig(backend="torch", block_size=BLOCK_SIZE, num_blocks=12,
+                                               max_batch_tokens=16)))
+    got = _run(padded, prompts, MAX_NEW)
+    assert got == _reference(llama, prompts, MAX_NEW)
+    assert padded.metrics()["preemptions"] > 0
+    assert padded.runner.graph_stats()["cuda_graph_steps"] > 0
+    assert padded.cache.get_num_free_blocks() == padded.cache.num_blocks
+
+
+def test_padded_decode_sliding_window_groups(prompts):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                      use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    padded = _padded(Engine(model, BatchConfig(backend="torch", block_size=BLOCK_SIZE)))
+    assert len(padded.cache.allocators) == 2
+    got = _run(padded, prompts, MAX_NEW)
+    assert got == _reference(model, prompts, MAX_NEW)
+    assert padded.runner.graph_stats()["cuda_graph_steps"] > 0
+
+
+def test_padded_decode_triton_interpreted_ignores_unowned_nan(llama, prompts):
+    chosen, max_news = prompts[:3], (4, 2, 3)
+    padded = _padded(Engine(llama, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=16)))
+    padded.cache.kv.fill_(float("nan"))  # nothing is owned yet: no slot may be read before written
+    got = _run(padded, chosen, max_news)
+    assert got == _reference(llama, chosen, max_news)
+    assert got == _run(Engine(llama, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=16)),
+                       chosen, max_news)
+    assert padded.runner.graph_stats()["cuda_graph_buckets"][4] >= 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padding_rows_write_nothing(llama, prompts, backend):
+    engine = _padded(Engine(llama, BatchConfig(backend=backend, block_size=BLOCK_SIZE, num_blocks=16)))
+    for p in prompts[:3]:
+        engine.add_request(p, _gen(4))
+    engine.step()  # prefills
+    reqs = list(engine.scheduler.running)
+    bs = BLOCK_SIZE
+    expected = set()
+    for r in reqs:
+        table = engine.cache.allocators[0].block_table(r.request_id)
+        pos = r.num_computed
+        if pos // bs >= len(table):
+            pytest.skip("the next token needs a new block: reserve() has not run yet")
+        expected.add(table[pos // bs] * bs + pos % bs)
+    before = engine.cache.kv.clone()
+    engine.step()  # three decodes padded to 4
+    assert engine.runner.graph_stats()["cuda_graph_buckets"] == {4: 1}
+    flat = lambda kv: kv.flatten(2, 3).flatten(3)  # [layers, 2, slots, Hkv * D]
+    changed = (flat(engine.cache.kv) != flat(before)).any(-1).any(1).any(0)  # [slots]
+    assert set(torch.nonzero(changed).flatten().tolist()) == expected
+
+
+# --------------------------------------------------------------------------- real capture (GPU)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_matches_eager(prompts):
+    model = _llama("cuda")
+    config = dict(backend="triton", block_size=BLOCK_SIZE, num_blocks=64)
+    eager = Engine(model, BatchConfig(**config))
+    eager.runner = ModelRunner(model, eager.cache, eager.backend, None, use_cuda_graph=False)
+    graphed = Engine(model, BatchConfig(**config))
+    graphed.runner = ModelRunner(model, graphed.cache, graphed.backend, None, use_cuda_graph=True,
+                                 max_num_seqs=MAX_BATCH)
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.capture
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and falls back
+        for chosen, max_news in ((prompts[:5], MAX_NEW[:5]), (prompts, MAX_NEW)):  # second run: replays
+            want = _run(eager, chosen, max_news)
+            assert _run(graphed, chosen, max_news) == want
+            assert want == _reference(model, chosen, max_news)
+    stats = graphed.runner.graph_stats()
+    assert stats["cuda_graphs_captured"] >= 2 and stats["cuda_graph_steps"] > stats["cuda_graphs_captured"]
+    assert graphed.cache.get_num_free_blocks() == graphed.cache.num_blocks
