@@ -4,11 +4,14 @@ notified after every step, add and cancel) are what the threads synchronise on."
 from __future__ import annotations
 
 import threading
+import time
 from typing import Optional
 
 # How long a waiting thread sleeps before it re-checks that the serving loop is alive (a
 # safety net only: every step, cancel and add wakes waiters at once).
 WAIT_RECHECK_S = 1.0
+# Pause of the serving loop between steps: 0 just yields the GIL so waiting threads get the lock.
+_HANDOFF_S = 0
 
 
 class ServingLoop:
@@ -52,6 +55,9 @@ class ServingLoop:
                     if self._stopping:
                         return
                     self.step()
+                # Python locks are not fair: without giving up the GIL here the loop would take
+                # the lock straight back and starve add_request / cancel / stream callers.
+                time.sleep(_HANDOFF_S)
         except BaseException as exc:  # noqa: BLE001 - kept for the caller; waiters fall back to driving
             self.loop_error = exc
         finally:

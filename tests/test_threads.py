@@ -92,7 +92,7 @@ def test_threads_add_stream_cancel_generate(llama, work, scheduler):
     assert [o.generated_tokens[:max_new[0]] for o in batch_out] == [
         Engine(llama, BatchConfig(backend="torch")).generate([p], _gen(max_new[0]))[0].generated_tokens
         for p in prompts[:4]]
-    assert all(r.finish_reason == "cancelled" and 1 <= len(r.generated_tokens) < VICTIM_MAX_NEW for r in cancelled)
+    assert all(r.finish_reason == "cancelled" and 1 <= len(r.generated_tokens) < VICTIM_MAX_NEW for r in cancelled), [(r.finish_reason, len(r.generated_tokens), r.error) for r in cancelled]
     assert len(cancelled) == 3
     assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks and not engine.scheduler.has_work()
     assert llama.config._attn_implementation == "sdpa"
