@@ -25,8 +25,9 @@ class BatchConfig:
       what the engine uses on a laptop even under a test session that interprets Triton);
       ``"triton"`` forces the public Triton-dispatching ops.
     * ``use_cuda_graph``: capture decode-only steps in CUDA graphs, one per padded batch-size
-      bucket. ``None`` (default) turns it on for CUDA models and off on CPU; ``True`` on a CPU
-      model is an error.
+      bucket (``cbkernels.cuda_graphs``). ``None`` (default) turns it on for CUDA models on the
+      Triton backend and off otherwise (CPU, or ``backend="torch"``); ``True`` on a CPU model
+      or with ``backend="torch"`` is an error.
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
     """
 
