@@ -1,8 +1,10 @@
 """Padded decode buckets (cbkernels.cuda_graphs): on CPU the padded static-buffer path runs
 eagerly (``capture=False``) and must give the tokens of the normal engine and of
 ``model.generate()``; with CUDA, a real capture + replay must match eager."""
+import contextlib
 import inspect
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2C
 from cbkernels import BatchConfig, Engine
 from cbkernels.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
 from cbkernels.model_runner import ModelRunner
+from cbkernels.ops import use_triton
 
 VOCAB = 96
 # Awkward prompt lengths around blocks of 4, and per-request budgets so that requests finish
@@ -194,6 +197,40 @@ def test_padding_rows_write_nothing(llama, prompts, backend):
     flat = lambda kv: kv.flatten(2, 3).flatten(3)  # [layers, 2, slots, Hkv * D]
     changed = (flat(engine.cache.kv) != flat(before)).any(-1).any(1).any(0)  # [slots]
     assert set(torch.nonzero(changed).flatten().tolist()) == expected
+
+
+# Tensor methods that copy device values to the host: a device-to-host sync on CUDA, and an
+# error while a stream is capturing.
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+def test_padded_forward_reads_nothing_back_to_the_host(prompts):
+    """The Python side of a captured step (transformers forward, attention function, op
+    wrappers, launchers) must not read tensor values once value checks are off, as they are
+    while a stream captures: every host read raises here."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _llama(device)
+    engine = _padded(Engine(model, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=16)))
+    if not use_triton(engine.cache.kv):
+        pytest.skip("CPU without TRITON_INTERPRET: the Triton launch path is not what runs")
+    for p in prompts[:3]:
+        engine.add_request(p, _gen(4))
+    engine.step()  # prefills
+    graphs = engine.runner.graphs
+    with torch.inference_mode():
+        graphs._fill(list(engine.scheduler.running), 4)
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} read a value back to the host")
+        return read
+
+    with contextlib.ExitStack() as patches, torch.inference_mode():
+        patches.enter_context(mock.patch("cbkernels._validation.values_checkable", lambda *tensors: False))
+        for name in _HOST_READS:
+            patches.enter_context(mock.patch.object(torch.Tensor, name, refuse(name)))
+        logits = graphs._forward(4)
+    assert logits.shape == (1, 4, VOCAB) and bool(torch.isfinite(logits).all())
 
 
 # --------------------------------------------------------------------------- real capture (GPU)
