@@ -45,6 +45,16 @@ class BatchConfig:
     use_cuda_graph: Optional[bool] = None
 
     def __post_init__(self) -> None:
+        for name in ("block_size", "max_batch_tokens", "max_num_seqs", "max_cache_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        for name in ("num_blocks", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if isinstance(self.memory_fraction, bool) or not isinstance(self.memory_fraction, (int, float)):
+            raise TypeError(f"memory_fraction must be a number, got {type(self.memory_fraction).__name__}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

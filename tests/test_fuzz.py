@@ -183,7 +183,6 @@ def test_batch_config_rejects_bad_values(case):
     assert name in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BatchConfig lacks type checks (cbkernels/config.py, not in this change)")
 @pytest.mark.parametrize("name,bad", BATCH_CONFIG_TYPES)
 def test_batch_config_rejects_bad_types(name, bad):
     with pytest.raises((TypeError, ValueError)) as info:
