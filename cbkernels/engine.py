@@ -160,6 +160,16 @@ class Engine(ServingLoop):
         with self._lock:
             return self._request(request_id).to_output()
 
+    def pop_result(self, request_id: str) -> RequestOutput:
+        """The output of a finished or failed request, which the engine then forgets: a
+        long-running server calls this so finished requests do not accumulate."""
+        with self._lock:
+            req = self._request(request_id)
+            if not req.is_done:
+                raise ValueError(f"request_id {request_id!r} is still running ({req.status.name})")
+            del self.requests[request_id]
+            return req.to_output()
+
     def stream(self, request_id: str) -> Iterator[int]:
         """New tokens of one request as they are generated. Without a serving loop the
         caller drives the engine; with one (``start()``) it waits for the loop's steps."""
@@ -285,7 +295,8 @@ class Engine(ServingLoop):
                 self._fail_requests(reqs, f"generate interrupted: {type(exc).__name__}")
                 self._changed.notify_all()
             raise
-        return [self.get_result(rid) for rid in ids]
+        # The outputs go to the caller; the engine keeps nothing of a finished generate call.
+        return [self.pop_result(rid) for rid in ids]
 
     def _drive_until_done(self, reqs: list[Request]) -> None:
         with self._changed:

@@ -136,3 +136,18 @@ def test_generate_batch_one_shot(llama, prompts):
     gc = _gen()
     outs = cbkernels.generate_batch(llama, prompts[:3], gc, BatchConfig(backend="torch"))
     assert [o.generated_tokens for o in outs] == _reference(llama, prompts[:3], gc)
+
+
+def test_finished_requests_are_not_retained(llama, prompts):
+    """generate() hands its outputs over and forgets them; pop_result does the same for
+    add_request users, and refuses a request that is still running."""
+    engine = Engine(llama, BatchConfig(backend="torch"))
+    engine.generate(prompts[:2], _gen())
+    assert engine.requests == {}
+    rid = engine.add_request(prompts[0], _gen())
+    with pytest.raises(ValueError, match="still running"):
+        engine.pop_result(rid)
+    tokens = list(engine.stream(rid))
+    assert engine.pop_result(rid).generated_tokens == tokens
+    with pytest.raises(KeyError, match="unknown request_id"):
+        engine.get_result(rid)
