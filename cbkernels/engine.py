@@ -68,7 +68,8 @@ class Engine(ServingLoop):
             self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
         self.scheduler = make_scheduler(self.config.scheduler, self.cache, self.config.max_batch_tokens,
                                         self.config.max_num_seqs)
-        self.runner = ModelRunner(model, self.cache, self.backend, self.generator)
+        self.runner = ModelRunner(model, self.cache, self.backend, self.generator,
+                                  use_cuda_graph=self.config.use_cuda_graph, max_num_seqs=self.config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._stats = EngineMetrics()
         self._ids = itertools.count()
@@ -310,8 +311,10 @@ class Engine(ServingLoop):
 
     def metrics(self) -> dict:
         with self._lock:
-            return self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                                        cache=self.cache)
+            snapshot = self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                                            cache=self.cache)
+            snapshot.update(self.runner.graph_stats())
+            return snapshot
 
 
 def generate_batch(model, inputs, generation_config=None, config: Optional[BatchConfig] = None) -> list[RequestOutput]:

@@ -63,13 +63,16 @@ def cbkernels_attention(module, query, key, value, attention_mask, dropout: floa
         _torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
                                    out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
         return out.unsqueeze(0), None
-    from .ops import paged_attention, scatter_kv
+    # The engine built (and its tests check) this metadata: the unvalidated ops skip the
+    # per-layer value checks, which would cost device-to-host syncs on CUDA.
+    from .ops import _paged_attention_op, _scatter_kv_op
 
-    scatter_kv(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
+    _scatter_kv_op(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-    out = paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
-                          scale=scale, sliding_window=window, softcap=softcap, sinks=sinks,
-                          max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k)
+    out = torch.empty_like(q)
+    _paged_attention_op(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q, out, None,
+                        scale, window, None if softcap is None else float(softcap), sinks,
+                        meta.max_seqlen_q, meta.max_seqlen_k)
     return out.unsqueeze(0), None
 
 
