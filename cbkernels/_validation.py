@@ -305,3 +305,21 @@ def check_count(name: str, value, minimum: int = 0) -> None:
 def check_request_id(request_id) -> None:
     if not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+
+
+def prepare_paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
+    scale, sliding_window, softcap, sinks, out, return_lse, max_seqlen_q, max_seqlen_k,
+):
+    """The front half every ``paged_attention`` entry point shares: validate, resolve the
+    default scale, allocate ``out`` and (when asked) ``lse``. Returns ``(scale, out, lse)``."""
+    check_paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
+        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    return scale, out, lse

@@ -19,8 +19,8 @@ from . import _torch_ops
 from ._validation import (
     check_copy_blocks,
     check_gather_kv,
-    check_paged_attention,
     check_scatter_kv,
+    prepare_paged_attention,
 )
 
 
@@ -173,15 +173,11 @@ def paged_attention(
     Returns ``out [T, Hq, D]``, and ``lse [T, Hq]`` fp32 (natural log of the softmax
     denominator, sinks included) when ``return_lse``. See DESIGN.md for the full contract.
     """
-    check_paged_attention(
+    scale, out, lse = prepare_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
+        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out, return_lse=return_lse,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     _paged_attention_op(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale,
         sliding_window, None if softcap is None else float(softcap), sinks, max_seqlen_q, max_seqlen_k,

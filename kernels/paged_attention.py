@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cbkernels._validation import check_paged_attention
+from cbkernels._validation import prepare_paged_attention
 
 from ._common import AotConfig, interpreting, next_power_of_2
 
@@ -475,15 +475,11 @@ def paged_attention(
     max_seqlen_k: int | None = None,
 ):
     """Validate, allocate, launch: ``out [T, Hq, D]`` (and ``lse [T, Hq]`` fp32 when asked)."""
-    check_paged_attention(
+    scale, out, lse = prepare_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
+        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out, return_lse=return_lse,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     launch_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale=scale,
         sliding_window=sliding_window, softcap=softcap, sinks=sinks,
