@@ -406,6 +406,9 @@ def launch_paged_attention(
     if num_tokens == 0 or batch == 0:
         return
     group = num_q_heads // num_kv_heads
+    # One index width for the kernel: the compile gate then covers every specialisation the
+    # launcher can pick (no-ops for int32 inputs; lengths never approach 2**31).
+    seq_lens, cu_seqlens_q = seq_lens.to(torch.int32), cu_seqlens_q.to(torch.int32)
     if max_seqlen_q is None or max_seqlen_k is None:  # one device-to-host sync; engines pass both
         longest = torch.stack([(cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().to(torch.int64),
                                seq_lens.max().to(torch.int64)]).tolist()
@@ -510,8 +513,9 @@ def _attention_signature(dtype: str, index: str) -> dict[str, str]:
 def aot_configs() -> list[AotConfig]:
     """Every (dtype, head-dim pad, tile) the launcher can pick on sm_80 and sm_90, plus the merge.
 
-    Index dtypes of seq_lens / cu_seqlens_q only change two scalar loads, so int32 stands for
-    both. Head dims divisible by 16 (64, 96 as D, 128, 256) are hinted as the JIT would see them.
+    The launcher hands seq_lens / cu_seqlens_q to the kernel as int32 whatever their input
+    dtype, so int32 is the only index specialisation. Head dims divisible by 16 (64, 96 as D,
+    128, 256) are hinted as the JIT would see them.
     """
     configs = []
     for arch in sorted(TILES):
