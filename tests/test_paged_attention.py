@@ -251,6 +251,19 @@ def test_module_level_paged_attention_validates_and_matches():
         pa_kernel.paged_attention(*_args(b), scale=-1.0)
 
 
+@pytest.mark.parametrize("seq_dtype, cu_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int64),
+                                                   (torch.int64, torch.int32)])
+def test_int64_and_mixed_index_dtypes(seq_dtype, cu_dtype):
+    """The CUDA-graph buffers hand int64 lengths to the kernel: any mix gives the same answer."""
+    b = _batch(MIXED, dtype=torch.float16)
+    args = list(_args(b))
+    expected = reference(*args)
+    args[4], args[5] = b.seq_lens.to(seq_dtype), b.cu_seqlens_q.to(cu_dtype)
+    assert_close(cbkernels.paged_attention(*args), expected, torch.float16)
+    assert_close(cbkernels.paged_attention(*args, max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k),
+                 expected, torch.float16)
+
+
 def test_all_rows_empty_is_a_no_op():
     b = _batch([(0, 5), (0, 9)])
     out = cbkernels.paged_attention(*_args(b))
