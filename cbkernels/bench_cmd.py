@@ -10,7 +10,6 @@ Each writes CSV + PNG files under ``--out`` (default bench/results in a checkout
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from .generate_cmd import UsageError

@@ -119,3 +119,30 @@ def make_paged_batch(
         cu_seqlens_q=cu.to(device), max_seqlen_q=max(q_lens + [0]),
         max_seqlen_k=max([kv for _, kv in lengths] + [0]),
     )
+
+
+def tiny_llama(*, vocab: int = 96, hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2,
+               max_positions: int = 256, seed: int = 0, device: str | torch.device = "cpu"):
+    """A random-weight LlamaForCausalLM small enough for engine tests (no EOS, pad id 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
+def tiny_sliding_qwen2(*, vocab: int = 96, window: int = 10, max_positions: int = 256, seed: int = 0):
+    """A random-weight Qwen2 with one full-attention layer and two sliding-window layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                      use_sliding_window=True, sliding_window=window, max_window_layers=1,
+                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model

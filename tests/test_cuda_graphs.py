@@ -8,12 +8,13 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig
 
 from cbkernels import BatchConfig, Engine
 from cbkernels.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
 from cbkernels.model_runner import ModelRunner
 from cbkernels.ops import use_triton
+from cbkernels.testing import tiny_llama, tiny_sliding_qwen2
 
 VOCAB = 96
 # Awkward prompt lengths around blocks of 4, and per-request budgets so that requests finish
@@ -30,10 +31,7 @@ def _gen(max_new):
 
 def _llama(device="cpu", max_positions=256):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).to(device).eval()
+    return tiny_llama(vocab=VOCAB, max_positions=max_positions, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +148,7 @@ def test_padded_decode_with_preemption(llama, prompts):
 
 
 def test_padded_decode_sliding_window_groups(prompts):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0,
-                      use_sliding_window=True, sliding_window=6, max_window_layers=1,
-                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
-    model = Qwen2ForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
+    model = tiny_sliding_qwen2(vocab=VOCAB, window=6, max_positions=64)
     padded = _padded(Engine(model, BatchConfig(backend="torch", block_size=BLOCK_SIZE)))
     assert len(padded.cache.allocators) == 2
     got = _run(padded, prompts, MAX_NEW)

@@ -2,10 +2,11 @@
 windows, sampling, streaming, cancellation, failures, metrics."""
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig
 
 import cbkernels
 from cbkernels import BatchConfig, Engine, RequestStatus
+from cbkernels.testing import tiny_llama, tiny_sliding_qwen2
 
 VOCAB = 96
 LENGTHS = (3, 9, 17, 30, 1, 41)  # awkward lengths around block boundaries of 8
@@ -18,11 +19,7 @@ def _gen(max_new=6, **kw):
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +61,7 @@ def test_prefix_cache_hits_and_identity(llama, prompts):
 
 
 def test_sliding_window_layers_match_generate(prompts):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0,
-                      use_sliding_window=True, sliding_window=10, max_window_layers=1,
-                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
-    model = Qwen2ForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
+    model = tiny_sliding_qwen2(vocab=VOCAB, window=10)
     gc = _gen(max_new=12)
     engine = Engine(model, BatchConfig(backend="torch", block_size=8, max_batch_tokens=16))
     assert [a.sliding_window for a in engine.cache.allocators] == [None, 10]

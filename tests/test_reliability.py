@@ -8,6 +8,7 @@ import cbkernels
 import cbkernels.reference
 from cbkernels import BatchConfig, Engine, RequestStatus as S
 from cbkernels.models import load_model
+from cbkernels.testing import tiny_llama
 
 VOCAB = 96
 LENGTHS = (3, 9, 17, 30, 5, 12)
@@ -19,11 +20,7 @@ def _gen(max_new=6):
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ import threading
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig
 
-from cbkernels import BatchConfig, Engine, RequestStatus as S
+from cbkernels import BatchConfig, Engine
+from cbkernels.testing import tiny_llama
 
 VOCAB = 96
 THREADS, PER_THREAD = 4, 5
@@ -20,11 +21,7 @@ def _gen(max_new):
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=VOCAB, hidden=32, heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import print_table, pyplot, result_path, write_csv
-from .workloads import run_engine, tiny_llama
+from .workloads import tiny_llama
 
 REQUESTS = 48
 # (name, sampler of prompt lengths); generated lengths are uniform in [8, 64] for all.

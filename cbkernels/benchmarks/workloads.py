@@ -41,13 +41,9 @@ def encode_prompts(tokenizer, prompts=BENCH_PROMPTS) -> list[list[int]]:
 
 def tiny_llama(vocab: int = 512, layers: int = 2, seed: int = 0):
     """A random-weight Llama small enough to run thousands of requests on a CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from ..testing import tiny_llama as build
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return build(vocab=vocab, layers=layers, max_positions=4096, seed=seed)
 
 
 # Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab 128256):
