@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def run_cli(*args, stdin=""):
@@ -73,3 +75,49 @@ def test_generate_on_the_embedded_model(tmp_path):
     assert [r["status"] for r in record["results"]] == ["finished", "finished"]
     assert all(0 < len(r["tokens"]) <= 8 for r in record["results"])
     assert record["metrics"]["cache_free_blocks"] == record["metrics"]["cache_num_blocks"]
+
+
+class _WouldLoadModel(Exception):
+    """Raised instead of loading a model: the arguments were accepted."""
+
+
+_NUMBERS = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from(["nan", "inf", "-0", "1e400", "0x10", "", " ", "½"]))
+_OPTIONS = {
+    "--max-new-tokens": _NUMBERS, "--num-blocks": _NUMBERS, "--block-size": _NUMBERS,
+    "--max-batch-tokens": _NUMBERS, "--temperature": _NUMBERS, "--top-k": _NUMBERS, "--top-p": _NUMBERS,
+    "--seed": _NUMBERS, "--scheduler": st.text(max_size=12), "--file": st.text(max_size=20),
+    "--model": st.text(max_size=20), "--json": st.text(max_size=20), "--device": st.text(max_size=6),
+}
+
+
+@st.composite
+def generate_argv(draw):
+    argv = ["generate"]
+    for name in draw(st.lists(st.sampled_from(sorted(_OPTIONS)), max_size=4, unique=True)):
+        argv += [name, str(draw(_OPTIONS[name]))]
+    argv += draw(st.lists(st.text(max_size=30), max_size=2))
+    return argv
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=generate_argv())
+def test_fuzzed_command_lines_never_crash(argv, monkeypatch, capsys):
+    """Whatever is typed: exit code 2 with one line on stderr, or accepted (the model would load)."""
+    from cbkernels import cli, generate_cmd
+
+    def would_load(args):
+        raise _WouldLoadModel
+
+    monkeypatch.setattr(generate_cmd, "_load", would_load)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except _WouldLoadModel:
+        capsys.readouterr()
+        return
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, (argv, err)
