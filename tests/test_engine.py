@@ -1,5 +1,7 @@
 """Engine on tiny random-weight models: token identity with model.generate(), sliding
 windows, sampling, streaming, cancellation, failures, metrics."""
+import sys
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -113,13 +115,22 @@ def test_metrics_snapshot_and_exporter(llama, prompts):
                 "generated_tokens_per_s", "cache_occupancy", "prefix_hit_rate", "padding_saved"):
         assert key in m
     assert m["generated_tokens"] == 6 * len(prompts) and 0 < m["padding_saved"] < 1
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="metrics"):
-            cbkernels.PrometheusExporter(engine)
-    else:
-        assert b"cbkernels_generated_tokens" in cbkernels.PrometheusExporter(engine).exposition()
+
+
+def test_prometheus_exporter(llama, prompts):
+    pytest.importorskip("prometheus_client")
+    engine = Engine(llama, BatchConfig(backend="torch"))
+    exporter = cbkernels.PrometheusExporter(engine)
+    engine.generate(prompts, _gen())
+    text = exporter.exposition().decode()
+    assert f"cbkernels_generated_tokens {6.0 * len(prompts)}" in text
+    assert "cbkernels_cache_free_blocks" in text and "cbkernels_prefix_hit_rate" in text
+
+
+def test_prometheus_exporter_without_the_package_says_which_extra(llama, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="metrics"):
+        cbkernels.PrometheusExporter(Engine(llama, BatchConfig(backend="torch")))
 
 
 def test_generate_batch_one_shot(llama, prompts):
