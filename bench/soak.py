@@ -21,6 +21,7 @@ import re
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
@@ -37,6 +38,7 @@ SYSTEM_PROMPT_LEN, SHARED_FRACTION = 24, 0.3  # a shared prefix exercises the pr
 HOSTILE_FRACTION, CANCEL_FRACTION, FAULT_RATE = 0.03, 0.02, 0.002
 WARMUP_FRACTION = 0.1  # RSS is read once this share of requests has finished
 SPOT_CHECKS = 24  # finished requests re-run alone on a fresh engine: tokens must match
+SPOT_POOL = 200  # finished requests kept (tokens only) to draw the spot checks from
 MAX_STEPS_PER_REQUEST = 200  # a hang guard: far above what any request needs
 
 
@@ -91,6 +93,60 @@ def _reason_kind(text: str) -> str:
     return re.sub(r"\d+", "N", text)[:90]
 
 
+class RowStore:
+    """Per-request results in arrays allocated (and touched) before the run, so the harness's
+    own bookkeeping does not grow resident memory while the engine is measured; the rows
+    are assembled as dicts only after the last RSS reading."""
+
+    INT_FIELDS = ("prompt_len", "max_new_tokens", "generated", "arrival_step", "first_scheduled_step",
+                  "preemptions", "prefix_hit_tokens", "kind", "status", "finish_reason", "error")
+    FLOAT_FIELDS = ("wait_s", "ttft_s")
+
+    def __init__(self, n: int):
+        self.ints = {f: np.full(n, -1, dtype=np.int64) for f in self.INT_FIELDS}
+        self.floats = {f: np.full(n, np.nan) for f in self.FLOAT_FIELDS}
+        self.codes: dict[str, dict] = {f: {} for f in ("kind", "status", "finish_reason", "error")}
+        self.filled = np.zeros(n, dtype=bool)
+
+    def _code(self, field: str, value) -> int:
+        if value is None:
+            return -1
+        table = self.codes[field]
+        return table.setdefault(value, len(table))
+
+    def record(self, i: int, r, kind: str) -> None:
+        out = r.to_output()
+        values = dict(prompt_len=r.prompt_len, max_new_tokens=r.params.max_new_tokens, generated=len(r.generated),
+                      arrival_step=r.arrival_step, preemptions=r.num_preemptions, prefix_hit_tokens=r.prefix_hit_tokens,
+                      first_scheduled_step=-1 if r.first_scheduled_step is None else r.first_scheduled_step,
+                      kind=self._code("kind", kind), status=self._code("status", r.status.value),
+                      finish_reason=self._code("finish_reason", r.finish_reason), error=self._code("error", r.error))
+        for field, value in values.items():
+            self.ints[field][i] = value
+        if r.first_scheduled_time is not None:
+            self.floats["wait_s"][i] = r.first_scheduled_time - r.arrival_time
+        if out.ttft_s is not None:
+            self.floats["ttft_s"][i] = out.ttft_s
+        self.filled[i] = True
+
+    def rows(self) -> list[dict]:
+        names = {f: {v: k for k, v in table.items()} for f, table in self.codes.items()}
+        rows = []
+        for i in np.flatnonzero(self.filled):
+            row = {"request_id": f"s{i}"}
+            for field in self.INT_FIELDS:
+                value = int(self.ints[field][i])
+                row[field] = names[field].get(value) if field in names else value
+            first = row["first_scheduled_step"]
+            row["first_scheduled_step"] = None if first < 0 else first
+            row["wait_steps"] = None if first < 0 else first - row["arrival_step"]
+            for field in self.FLOAT_FIELDS:
+                value = float(self.floats[field][i])
+                row[field] = None if np.isnan(value) else value
+            rows.append(row)
+        return rows
+
+
 def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault_rate: float = FAULT_RATE,
              spot_checks: int = SPOT_CHECKS, progress: bool = True) -> tuple[dict, list[dict]]:
     rng = random.Random(seed)
@@ -105,15 +161,21 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=num_requests, desc=f"soak {scheduler}", unit="req")
-    ids, kinds, cancel_targets = [], {}, set()
-    next_spec, done_count, rss_warm, max_steps = 0, 0, None, MAX_STEPS_PER_REQUEST * num_requests
+    # Everything per request lives in preallocated arrays (RowStore) or shrinks as requests
+    # finish (live, kinds): the harness itself does not grow while memory is measured.
+    added, kinds, cancel_targets, live, store = 0, {}, set(), set(), RowStore(num_requests)
+    handed_over = peak_live = 0
+    spot_pool = []  # (prompt, max_new, generated) of finished requests: re-run alone afterwards
+    rss_warm, max_steps = None, MAX_STEPS_PER_REQUEST * num_requests
+    next_spec = 0
     start = time.perf_counter()
     while next_spec < len(specs) or engine.scheduler.has_work():
         for _ in range(rng.randint(0, 3)):  # bursty arrivals, 1.5 per step on average
             if next_spec < len(specs):
                 prompt, max_new, kind = specs[next_spec]
                 rid = engine.add_request(prompt, _gc(max_new), request_id=f"s{next_spec}")
-                ids.append(rid)
+                added += 1
+                live.add(rid)
                 kinds[rid] = kind
                 if kind == "ok" and rng.random() < CANCEL_FRACTION:
                     cancel_targets.add(rid)
@@ -123,41 +185,39 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
                 engine.cancel(rid)
                 cancel_targets.discard(rid)
         engine.step()
-        finished = sum(1 for r in ids if engine.requests[r].is_done)
+        peak_live = max(peak_live, len(live))
+        # Hand finished requests over as a server would (pop_result), so the engine holds only
+        # live ones and resident memory measures the engine, not an archive of results.
+        for rid in [r for r in live if engine.requests[r].is_done and r not in cancel_targets]:
+            req = engine.requests[rid]
+            store.record(int(rid[1:]), req, kinds.pop(rid))
+            handed_over += 1
+            if req.finish_reason == "length" and len(spot_pool) < SPOT_POOL:
+                spot_pool.append((req.tokens[:req.prompt_len], req.params.max_new_tokens, list(req.generated)))
+            engine.pop_result(rid)
+            live.discard(rid)
         if bar is not None:
-            bar.update(finished - done_count)
-        done_count = finished
-        if rss_warm is None and done_count >= WARMUP_FRACTION * num_requests:
+            bar.update(handed_over - bar.n)
+        if rss_warm is None and handed_over >= WARMUP_FRACTION * num_requests:
             rss_warm = rss_bytes()
         if engine.num_steps > max_steps:
             raise RuntimeError(f"soak hung: {engine.num_steps} steps")
     wall = time.perf_counter() - start
     rss_end = rss_bytes()
+    for rid in live:  # anything not handed over above (done, or lost: "lost" counts it)
+        store.record(int(rid[1:]), engine.requests[rid], kinds[rid])
+    rows = store.rows()
     faults.remove()
     if bar is not None:
         bar.close()
-    rows = []
-    for rid in ids:
-        r = engine.requests[rid]
-        wait_steps = None if r.first_scheduled_step is None else r.first_scheduled_step - r.arrival_step
-        wait_s = None if r.first_scheduled_time is None else r.first_scheduled_time - r.arrival_time
-        out = r.to_output()
-        rows.append(dict(request_id=rid, kind=kinds[rid], prompt_len=r.prompt_len, max_new_tokens=r.params.max_new_tokens,
-                         status=r.status.value, finish_reason=r.finish_reason, error=r.error,
-                         generated=len(r.generated), arrival_step=r.arrival_step, wait_steps=wait_steps,
-                         wait_s=wait_s, ttft_s=out.ttft_s, preemptions=r.num_preemptions,
-                         prefix_hit_tokens=r.prefix_hit_tokens))
     # Spot check: finished requests re-run alone on a fresh, roomy engine give the same tokens.
-    finished_ok = [rid for rid in ids if engine.requests[rid].finish_reason == "length"]
-    checked = random.Random(seed + 2).sample(finished_ok, min(spot_checks, len(finished_ok)))
+    checked = random.Random(seed + 2).sample(spot_pool, min(spot_checks, len(spot_pool)))
     fresh = Engine(model, BatchConfig(backend="torch"))
-    mismatches = sum(
-        fresh.generate([engine.requests[rid].tokens[:engine.requests[rid].prompt_len]],
-                       _gc(engine.requests[rid].params.max_new_tokens))[0].generated_tokens
-        != engine.requests[rid].generated for rid in checked)
+    mismatches = sum(fresh.generate([prompt], _gc(max_new))[0].generated_tokens != generated
+                     for prompt, max_new, generated in checked)
     # Starvation: how many later arrivals got scheduled before a request (FIFO keeps this ~0;
     # overload alone makes waits long but never lets a request be overtaken indefinitely).
-    order = sorted((r["arrival_step"], i, engine.requests[r["request_id"]].first_scheduled_step) for i, r in enumerate(rows)
+    order = sorted((r["arrival_step"], i, r["first_scheduled_step"]) for i, r in enumerate(rows)
                    if r["wait_steps"] is not None)
     overtaken = [sum(1 for _, _, later in order[k + 1:] if later < first) for k, (_, _, first) in enumerate(order)]
     statuses = Counter(r["status"] for r in rows)
@@ -178,7 +238,8 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
         hostile_not_failed=sum(1 for r in rows if r["kind"] != "ok" and r["status"] != S.FAILED.value),
         injected_faults=faults.count,
         lost=num_requests - sum(1 for r in rows if r["status"] in (S.FINISHED.value, S.FAILED.value)),
-        duplicated=len(ids) - len(set(ids)) + sum(1 for r in rows if r["generated"] > max(r["max_new_tokens"], 0)),
+        # A reused request id raises in add_request; a request with more tokens than asked is a duplicate.
+        duplicated=(added - num_requests) + sum(1 for r in rows if r["generated"] > max(r["max_new_tokens"], 0)),
         leaked_blocks=leaked, allocator_tables_left=tables_left,
         preemptions=sum(r["preemptions"] for r in rows),
         prefix_hit_rate=round(engine.cache.prefix_hit_rate(), 4),
@@ -188,6 +249,8 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
         longest_ttft_s=round(max((r["ttft_s"] for r in rows if r["ttft_s"] is not None), default=0.0), 4),
         rss_warm_mib=round((rss_warm or rss_end) / 2**20, 1), rss_end_mib=round(rss_end / 2**20, 1),
         rss_growth_mib=round((rss_end - (rss_warm or rss_end)) / 2**20, 1),
+        # Overload queues requests (prompt tokens and state held until served): the RSS high-water mark.
+        peak_live_requests=peak_live,
         spot_checked=len(checked), spot_mismatches=mismatches,
     )
     return summary, rows

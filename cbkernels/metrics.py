@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
+
+# Latency samples kept for the snapshot's means and percentiles (the last N of each kind).
+LATENCY_WINDOW = 4096
 
 
 def _mean(xs):
@@ -32,9 +36,11 @@ class EngineMetrics:
     failed: int = 0
     finished: int = 0
     busy_s: float = 0.0  # wall time inside step()
-    ttft_s: list = field(default_factory=list)
-    itl_s: list = field(default_factory=list)
-    e2e_s: list = field(default_factory=list)
+    # Latency samples of the most recent requests only: a long-running server must not keep
+    # every sample it ever saw. The mean and percentiles are over this window.
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    itl_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    e2e_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float) -> None:
         self.steps += 1
