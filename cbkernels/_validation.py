@@ -97,7 +97,7 @@ def check_scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
             )
 
 
-def check_block_tables(block_tables, seq_lens, k_cache, *, batch: int | None = None) -> None:
+def check_block_tables(block_tables, seq_lens, k_cache, *, batch: int | None = None, values: bool = True) -> None:
     """Block table and lengths: dtypes, shapes, and (when cheap) that every used entry is valid."""
     device = k_cache.device
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=device)
@@ -108,7 +108,7 @@ def check_block_tables(block_tables, seq_lens, k_cache, *, batch: int | None = N
         )
     if batch is not None and seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens must have {batch} entries, got {seq_lens.shape[0]}")
-    if seq_lens.numel() == 0 or not values_checkable(seq_lens, block_tables):
+    if not values or seq_lens.numel() == 0 or not values_checkable(seq_lens, block_tables):
         return
     lens = seq_lens.to(torch.int64)
     if int(lens.min()) < 0:
@@ -181,7 +181,10 @@ def check_paged_attention(
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries")
     batch = cu_seqlens_q.shape[0] - 1
-    check_block_tables(block_tables, seq_lens, k_cache, batch=batch)
+    # DESIGN: with both host bounds given a CUDA launch needs no device-to-host sync, so the
+    # checks that read tensor values run on CUDA only when a bound is missing (a sync anyway).
+    values = not (q.is_cuda and max_seqlen_q is not None and max_seqlen_k is not None)
+    check_block_tables(block_tables, seq_lens, k_cache, batch=batch, values=values)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
@@ -198,7 +201,7 @@ def check_paged_attention(
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if bound is not None and not (isinstance(bound, int) and bound >= 0):
             raise ValueError(f"{name} must be a non-negative int or None, got {bound!r}")
-    if not values_checkable(cu_seqlens_q, seq_lens):
+    if not values or not values_checkable(cu_seqlens_q, seq_lens):
         return
     cu = cu_seqlens_q.to(torch.int64)
     if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0]:

@@ -391,3 +391,16 @@ def test_tolerance_table_is_the_shared_one():
     # The kernel must meet these as they are; a miss means the kernel is wrong.
     assert TOLERANCES == {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
     assert math.isclose(pa_kernel.LOG2E * pa_kernel.LN2, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_device_to_host_sync_when_bounds_are_given():
+    """DESIGN: with max_seqlen_q / max_seqlen_k given, validation and launch never sync."""
+    b = _batch(MIXED, dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cbkernels.paged_attention(*_args(b), max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(out, reference(*_args(b)), torch.float16)
