@@ -176,19 +176,19 @@ def bench_decode(sweep) -> list[dict]:
                         lengths = [(1, ctx)] * batch
                         inputs = [_paged_inputs(lengths, hq, hkv, d, block, dtype, device, seed=i) for i in range(copies)]
                         outs = [torch.empty_like(x["q"]) for x in inputs]
-                        ms = _rotating_bench(lambda i: _attend(inputs[i], outs[i]), _bytes_of(inputs[0]))
+                        ms = _rotating_bench(lambda i, inputs=inputs, outs=outs: _attend(inputs[i], outs[i]), _bytes_of(inputs[0]))
                         moved = kv_bytes + 2 * batch * hq * d * 2
                         gbps = moved / ms / 1e6
                         # Cost of paging 1: the same kernel on an identity (contiguous) block table.
                         flat = [_paged_inputs(lengths, hq, hkv, d, block, dtype, device, shuffle=False, seed=i)
                                 for i in range(copies)]
-                        ms_flat = _rotating_bench(lambda i: _attend(flat[i], outs[i]), _bytes_of(flat[0]))
+                        ms_flat = _rotating_bench(lambda i, flat=flat, outs=outs: _attend(flat[i], outs[i]), _bytes_of(flat[0]))
                         # Cost of paging 2: SDPA (flash) on contiguous K/V of the same sizes.
                         del flat
                         qd = torch.randn(batch, hq, 1, d, dtype=dtype, device=device)
                         kd = torch.randn(batch, hkv, ctx, d, dtype=dtype, device=device)
                         vd = torch.randn_like(kd)
-                        ms_sdpa = _sdpa_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=hq != hkv),
+                        ms_sdpa = _sdpa_ms(lambda qd=qd, kd=kd, vd=vd: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=hq != hkv),
                                            kv_bytes)
                         del qd, kd, vd
                         rows.append(dict(kind="decode", batch=batch, context=ctx, hq=hq, hkv=hkv, head_dim=d,
@@ -260,12 +260,12 @@ def bench_prefill(sweep) -> list[dict]:
                 seen = sum(q * (kv - q) + q * (q + 1) / 2 for q, kv in lengths)
                 flops = 4 * hq * d * seen
                 # Prefill is compute-bound: one copy of the inputs (no L2 rotation needed).
-                ms = _rotating_bench(lambda i: _attend(inp, out), L2_BYTES)
+                ms = _rotating_bench(lambda i, inp=inp, out=out: _attend(inp, out), L2_BYTES)
                 dense = _dense_from_paged(inp, lengths, hkv)
                 qs = [inp["q"][s:e].transpose(0, 1)[None].contiguous()
                       for s, e in zip(inp["cu_seqlens_q"][:-1].tolist(), inp["cu_seqlens_q"][1:].tolist())]
 
-                def sdpa():
+                def sdpa(dense=dense, qs=qs, lengths=lengths, hq=hq, hkv=hkv):
                     for (k, v), qq, (q_len, kv) in zip(dense, qs, lengths):
                         # Bottom-right causal: a whole prefill is plain is_causal; decode rows see all.
                         F.scaled_dot_product_attention(qq, k, v, is_causal=q_len == kv and q_len > 1,
