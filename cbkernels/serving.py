@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # annotations only: engine.py imports this module
+    from .engine import Engine
 
 # How long a waiting thread sleeps before it re-checks that the serving loop is alive (a
 # safety net only: every step, cancel and add wakes waiters at once).
