@@ -146,3 +146,9 @@ def tiny_sliding_qwen2(*, vocab: int = 96, window: int = 10, max_positions: int 
     model = Qwen2ForCausalLM(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+def token_prompts(lengths, *, vocab: int, seed: int = 1) -> list[list[int]]:
+    """Random token-id prompts of the given lengths (ids 1..vocab-1; 0 is the pad id)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]

@@ -14,7 +14,7 @@ from cbkernels import BatchConfig, Engine
 from cbkernels.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
 from cbkernels.model_runner import ModelRunner
 from cbkernels.ops import use_triton
-from cbkernels.testing import tiny_llama, tiny_sliding_qwen2
+from cbkernels.testing import tiny_llama, tiny_sliding_qwen2, token_prompts
 
 VOCAB = 96
 # Awkward prompt lengths around blocks of 4, and per-request budgets so that requests finish
@@ -41,8 +41,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    return token_prompts(LENGTHS, vocab=VOCAB)
 
 
 def _reference(model, prompts, max_news):

@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 
 import cbkernels
 from cbkernels import BatchConfig, Engine, RequestStatus
-from cbkernels.testing import tiny_llama, tiny_sliding_qwen2
+from cbkernels.testing import tiny_llama, tiny_sliding_qwen2, token_prompts
 
 VOCAB = 96
 LENGTHS = (3, 9, 17, 30, 1, 41)  # awkward lengths around block boundaries of 8
@@ -26,8 +26,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    return token_prompts(LENGTHS, vocab=VOCAB)
 
 
 def _reference(model, prompts, gc):

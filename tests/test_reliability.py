@@ -8,7 +8,7 @@ import cbkernels
 import cbkernels.reference
 from cbkernels import BatchConfig, Engine, RequestStatus as S
 from cbkernels.models import load_model
-from cbkernels.testing import tiny_llama
+from cbkernels.testing import tiny_llama, token_prompts
 
 VOCAB = 96
 LENGTHS = (3, 9, 17, 30, 5, 12)
@@ -25,8 +25,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    return token_prompts(LENGTHS, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
