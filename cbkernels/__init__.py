@@ -1,14 +1,20 @@
 """cbkernels: Triton paged-attention and KV-cache kernels with a continuous-batching layer
-for Hugging Face transformers."""
+for Hugging Face transformers.
+
+Layout: ``cbkernels.kernels`` (Triton jit code and launchers, a leaf), ``cbkernels.ops``
+(checked public kernel entry points and the PyTorch path), ``cbkernels.attention`` (step
+metadata, one backend per attention implementation, the transformers registration),
+``cbkernels.engine`` (requests, cache, scheduler, runner, serving loop), ``cbkernels.cli``.
+"""
 from .ops import copy_blocks, gather_kv, paged_attention, scatter_kv
-from .allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
-from .cache import PagedAttentionCache
-from .config import BatchConfig
-from .engine import Engine, generate_batch
-from .integration import register, register_on_import
-from .metrics import PrometheusExporter
-from .requests import RequestOutput, RequestStatus
-from .scheduler import FIFOScheduler, PrefillFirstScheduler, Scheduler
+from .engine.allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
+from .engine.cache import PagedAttentionCache
+from .engine.config import BatchConfig
+from .engine.engine import Engine, generate_batch
+from .attention.integration import register, register_on_import
+from .engine.metrics import PrometheusExporter
+from .engine.requests import RequestOutput, RequestStatus
+from .engine.scheduler import FIFOScheduler, PrefillFirstScheduler, Scheduler
 
 __version__ = "0.1.0"
 

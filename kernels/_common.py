@@ -7,7 +7,7 @@ import torch
 import triton
 
 # A pure copy moves bits, not numbers: launching on same-width integer views keeps one compiled
-# kernel per element width and sidesteps the interpreter's broken bf16 (TRITON_ON_CPU.md).
+# kernel per element width and sidesteps the interpreter's broken bf16 (docs/verification.md).
 _BITS_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

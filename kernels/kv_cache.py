@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from cbkernels._validation import check_copy_blocks, check_gather_kv, check_scatter_kv
-
 from ._common import AotConfig, as_bits, next_power_of_2
 
 # Tokens per program. 16 keeps a tile at <= 8 K elements (16 x 512) so a 4-warp program holds
@@ -168,24 +166,6 @@ def launch_copy_blocks(
         as_bits(k_cache), as_bits(v_cache), block_mapping, block_elems,
         CHUNK=BLOCK_COPY_CHUNK, num_warps=BLOCK_COPY_NUM_WARPS,
     )
-
-
-def scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Validate, then write row t of key/value into cache slot ``slot_mapping[t]`` (< 0 skips)."""
-    check_scatter_kv(key, value, k_cache, v_cache, slot_mapping)
-    launch_scatter_kv(key, value, k_cache, v_cache, slot_mapping)
-
-
-def gather_kv(k_cache, v_cache, block_tables, seq_lens):
-    """Validate, then return ``keys, values [sum(seq_lens), Hkv, D]`` and ``cu_seqlens_k [B + 1]``."""
-    check_gather_kv(k_cache, v_cache, block_tables, seq_lens)
-    return launch_gather_kv(k_cache, v_cache, block_tables, seq_lens)
-
-
-def copy_blocks(k_cache, v_cache, block_mapping) -> None:
-    """Validate, then copy whole blocks ``src -> dst`` for every row of ``block_mapping``."""
-    check_copy_blocks(k_cache, v_cache, block_mapping)
-    launch_copy_blocks(k_cache, v_cache, block_mapping)
 
 
 def aot_configs() -> list[AotConfig]:

@@ -17,22 +17,24 @@ Layout of the work
   ``[lo, hi)``; KV tiles wholly outside it are never visited (never read).
 * Split-KV (flash-decoding): with few programs and long contexts, axis 2 cuts each tile's
   key range into ``num_splits`` segments that write fp32 partials (normalised acc and
-  log2-sum-exp) into a cached per-device scratch; ``_merge_splits_kernel`` combines them.
+  log2-sum-exp) into a workspace the caller provides (or a fresh one);
+  ``_merge_splits_kernel`` combines them. Launch decisions live in ``paged_attention_tiles``.
 * Softmax runs in base 2 with ``log2(e)`` folded into the scale; softcap uses a tanh built
   from ``exp2`` of a non-positive argument, which cannot overflow.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from cbkernels._validation import prepare_paged_attention
-
-from ._common import AotConfig, interpreting, next_power_of_2
+from ._common import AotConfig, interpreting
+from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch decisions of this kernel)
+    DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
+    num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
+)
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln 2: converts the kernel's base-2 log-sum-exp to natural log
@@ -44,79 +46,6 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 _NEG_BIG = tl.constexpr(NEG_BIG)
 _NEG_TWO_LOG2E = tl.constexpr(-2.0 * LOG2E)
-
-# Head dims below 64 (validation allows 16..56) run on the D = 64 tiles, masked: small heads are
-# rare (test models) and it keeps the AOT config count at three head-dim pads (64, 128, 256).
-MIN_D_PAD = 64
-# Smallest M of tl.dot on tensor cores (mma.sync m16n8k16): decode tiles pad up to it.
-DECODE_BLOCK_M = 16
-
-
-@dataclass(frozen=True)
-class Tile:
-    block_m: int  # flattened (token, head_in_group) rows per program
-    block_n: int  # keys per KV tile
-    num_warps: int
-    num_stages: int
-
-
-# Launch tiles per arch, keyed by (kind, element size, padded head dim). Where the numbers came
-# from (every entry checked in the AOT table, python -m cbkernels.aot --kernel paged_attention,
-# which compiles every config for BOTH sm_80 and sm_90, so an entry must fit both):
-# * decode BLOCK_M 16 is the mma.sync minimum (m16n8k16); decode is bandwidth-bound, so larger
-#   M would only waste MMA. BLOCK_N 64 at 2-byte D <= 128: 79-164 registers, 20-38 KB smem.
-# * prefill BLOCK_M 128 at D = 64 reaches wgmma on sm_90 (>= 64 rows, TRITON_ON_CPU.md) at 154
-#   registers. At D = 128, M = 128 spilled on sm_80 (255 registers + 20 B spills: mma.sync keeps
-#   the whole accumulator in registers) and sat at 238 on sm_90, so M = 64 (146-188 registers).
-# * D = 256 halves N (and M for decode stays 16): the 256-wide K/V tiles double smem and regs.
-# * fp32 inputs run IEEE dots on FMA units, no MMA: M = 64 spilled on sm_80 (420 B at 4 warps),
-#   M = 32 fits (107-154 registers); D = 256 halves M again.
-# * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
-#   K/V buffer for the D <= 128 fp16/bf16 decode and D = 64 prefill tiles (<= 49 KB); 2 on sm_80
-#   (163 KB, and its cp.async pipeline gains little from a third stage on a gather).
-def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
-    stages = 3 if arch >= 90 else 2
-    return {
-        ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages),
-        ("decode", 2, 128): Tile(DECODE_BLOCK_M, 64, 4, stages),
-        ("decode", 2, 256): Tile(DECODE_BLOCK_M, 32, 4, 2),
-        ("decode", 4, 64): Tile(DECODE_BLOCK_M, 32, 4, 2),
-        ("decode", 4, 128): Tile(DECODE_BLOCK_M, 32, 4, 2),
-        ("decode", 4, 256): Tile(DECODE_BLOCK_M, 16, 4, 2),
-        ("prefill", 2, 64): Tile(128, 64, 8, stages),
-        ("prefill", 2, 128): Tile(64, 64, 8, 2),
-        ("prefill", 2, 256): Tile(64, 32, 8, 2),
-        ("prefill", 4, 64): Tile(32, 32, 4, 2),
-        ("prefill", 4, 128): Tile(32, 32, 8, 2),
-        ("prefill", 4, 256): Tile(16, 32, 8, 2),
-    }
-
-
-TILES = {80: _tiles(80), 90: _tiles(90)}
-# Archs newer than sm_90 reuse the sm_90 table; older ones (and the interpreter, which mirrors
-# an H100's decisions) pick by the nearest entry at or below.
-INTERPRETER_ARCH = 90
-
-# Split-KV heuristic. The number of SMs of an H100 SXM stands in for the device when
-# interpreting on CPU, so CPU runs take the decisions an H100 would.
-INTERPRETER_SM_COUNT = 132
-# Split only when the (q tile x KV head) programs fill less than this many waves of SMs: one
-# program per SM leaves most of the bandwidth idle on a decode (flash-decoding's motivation).
-SPLIT_WAVES_TARGET = 2
-# Each segment keeps at least this many keys, so the extra partial write (D fp32 per row) and
-# merge stay small next to the K/V bytes a segment streams (256 keys x D x 2 arrays).
-SPLIT_MIN_KEYS = 256
-# Upper bound on segments: beyond 16 the merge kernel's loop and scratch traffic outgrow the
-# gain (a 132-SM GPU is filled by 16 splits of 8+ programs).
-MAX_SPLITS = 16
-# Scratch for partials is capped (fp32 acc + lse per split and row); wider batches do not split.
-SPLIT_SCRATCH_MAX_BYTES = 512 * 1024 * 1024
-# Tests and benchmarks may force a split count (None: use the heuristic).
-NUM_SPLITS_OVERRIDE: int | None = None
-
-# Merge kernel: one (token, q head) per program, 4 warps cover a 256-wide head row in one pass.
-MERGE_NUM_WARPS = 4
-
 
 @triton.jit
 def _paged_attention_kernel(
@@ -313,82 +242,13 @@ def _merge_splits_kernel(
         tl.store(lse_ptr + row, (m + tl.log2(denom)) * _LN2)
 
 
-# --------------------------------------------------------------------------- launch heuristics
-def _arch(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_ARCH
-    major, minor = torch.cuda.get_device_capability(device)
-    return 90 if major * 10 + minor >= 90 else 80
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """Next power of two, at least MIN_D_PAD (masked lanes cost little next to another config)."""
-    return max(next_power_of_2(head_dim), MIN_D_PAD)
-
-
-def pick_tile(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> Tile:
-    """Decode tile (M = 16) when one sequence's rows x heads fit in it, else the prefill tile."""
-    kind = "decode" if max_seqlen_q * group <= DECODE_BLOCK_M else "prefill"
-    size = 4 if dtype == torch.float32 else 2
-    return TILES[arch][(kind, size, padded_head_dim(head_dim))]
-
-
-def num_virtual_tiles(num_tokens: int, batch: int, group: int, block_m: int, max_seqlen_q: int) -> int:
-    """Grid axis 0, from host ints only: ``batch`` when every sequence fits one tile, else the
-    bound ``cdiv(T * group, BLOCK_M) + B`` of the module docstring."""
-    if max_seqlen_q * group <= block_m:
-        return batch
-    return triton.cdiv(num_tokens * group, block_m) + batch
-
-
-def pick_num_splits(programs: int, max_seqlen_k: int, sm_count: int, scratch_bytes_per_split: int) -> int:
-    """Segments per q tile: split only while (q tiles x KV heads) programs fill fewer than
-    SPLIT_WAVES_TARGET waves of the SMs, keeping SPLIT_MIN_KEYS keys per segment, at most
-    MAX_SPLITS, within SPLIT_SCRATCH_MAX_BYTES of partials."""
-    if NUM_SPLITS_OVERRIDE is not None:
-        return NUM_SPLITS_OVERRIDE
-    target = sm_count * SPLIT_WAVES_TARGET
-    if programs <= 0 or programs >= target:
-        return 1
-    splits = min(triton.cdiv(target, programs), max_seqlen_k // SPLIT_MIN_KEYS, MAX_SPLITS)
-    splits = min(splits, SPLIT_SCRATCH_MAX_BYTES // max(scratch_bytes_per_split, 1))
-    return max(splits, 1)
-
-
-# Split-KV scratch, one flat fp32 buffer per device, grown on demand and then reused, so that
-# steady-state launches (and CUDA-graph replays) allocate nothing. Run one eager step of the
-# largest batch before capturing a graph, so that the buffer is not first grown during capture.
-# One buffer per device assumes launches on that device are stream-ordered (one stream).
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
-
-
-def _scratch(device: torch.device, numel: int) -> torch.Tensor:
-    buf = _SCRATCH.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        _SCRATCH[device] = buf
-    return buf[:numel]
-
-
 def launch_paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,  # [B] int32/int64
-    cu_seqlens_q: torch.Tensor,  # [B + 1] int32/int64
+    seq_lens: torch.Tensor,  # [B] int32 (other index dtypes are converted: one extra copy)
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int32 (likewise)
     out: torch.Tensor,  # [T, Hq, D], written
     lse: torch.Tensor | None,  # [T, Hq] fp32, written when given
     *,
@@ -399,16 +259,23 @@ def launch_paged_attention(
     max_seqlen_q: int | None,
     max_seqlen_k: int | None,
     num_splits: int | None = None,
+    workspace: torch.Tensor | None = None,  # fp32, >= plan.workspace_numel(T, Hq) elements
 ) -> None:
+    """Launch on inputs the caller has validated. ``num_splits`` forces the split-KV count
+    (None: ``pick_num_splits``). Split partials go to ``workspace`` when given (a caller that
+    captures CUDA graphs passes a buffer that outlives them, sized with ``plan_launch``),
+    else to a fresh allocation."""
     num_tokens, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0:
         return
-    group = num_q_heads // num_kv_heads
     # One index width for the kernel: the compile gate then covers every specialisation the
-    # launcher can pick (no-ops for int32 inputs; lengths never approach 2**31).
-    seq_lens, cu_seqlens_q = seq_lens.to(torch.int32), cu_seqlens_q.to(torch.int32)
+    # launcher can pick. The engine hands int32, so these are no-ops on its path.
+    if seq_lens.dtype != torch.int32:
+        seq_lens = seq_lens.to(torch.int32)
+    if cu_seqlens_q.dtype != torch.int32:
+        cu_seqlens_q = cu_seqlens_q.to(torch.int32)
     if max_seqlen_q is None or max_seqlen_k is None:  # one device-to-host sync; engines pass both
         longest = torch.stack([(cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().to(torch.int64),
                                seq_lens.max().to(torch.int64)]).tolist()
@@ -417,13 +284,9 @@ def launch_paged_attention(
     if max_seqlen_q == 0:
         return
 
-    arch = _arch(q.device)
-    tile = pick_tile(arch, q.dtype, head_dim, max_seqlen_q, group)
-    d_pad = padded_head_dim(head_dim)
-    grid_m = num_virtual_tiles(num_tokens, batch, group, tile.block_m, max_seqlen_q)
-    if num_splits is None:
-        num_splits = pick_num_splits(grid_m * num_kv_heads, max_seqlen_k, _sm_count(q.device),
-                                     num_tokens * num_q_heads * (d_pad + 1) * 4)
+    plan = plan_launch(q.device, q.dtype, num_tokens, batch, num_q_heads, num_kv_heads, head_dim,
+                       max_seqlen_q, max_seqlen_k, num_splits)
+    tile, d_pad, splits = plan.tile, plan.d_pad, plan.num_splits
     upcast = interpreting() and q.dtype == torch.bfloat16
     # The interpreter truncates fp32 -> bf16 stores; write fp32 there and let torch round.
     target = torch.empty(out.shape, dtype=torch.float32, device=out.device) if upcast else out
@@ -431,64 +294,39 @@ def launch_paged_attention(
     sinks_f = (sinks.to(torch.float32) if sinks is not None
                else torch.zeros(1, dtype=torch.float32, device=q.device))
     lse_buf = lse if lse is not None else sinks_f
-    if num_splits > 1:
+    if splits > 1:
         rows = num_tokens * num_q_heads
-        buf = _scratch(q.device, num_splits * rows * (d_pad + 1))
-        part_o = buf[: num_splits * rows * d_pad]
-        part_lse = buf[num_splits * rows * d_pad:]
+        numel = plan.workspace_numel(num_tokens, num_q_heads)
+        if workspace is None:
+            workspace = torch.empty(numel, dtype=torch.float32, device=q.device)
+        elif workspace.dtype != torch.float32 or workspace.numel() < numel:
+            raise ValueError(f"workspace must hold >= {numel} float32 elements for {splits} splits, "
+                             f"got {workspace.numel()} {workspace.dtype}")
+        part_o = workspace[: splits * rows * d_pad]
+        part_lse = workspace[splits * rows * d_pad: numel]
     else:
         part_o = part_lse = sinks_f  # never touched
 
-    _paged_attention_kernel[(grid_m, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(plan.grid_m, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, sinks_f, target, lse_buf,
         part_o, part_lse,
-        batch, num_tokens, num_q_heads, group, head_dim,
-        q.stride(0), k_cache.stride(1), block_tables.stride(0), int(math.log2(block_size)),
+        batch, num_tokens, num_q_heads, num_q_heads // num_kv_heads, head_dim,
+        q.stride(0), k_cache.stride(1), block_tables.stride(0), int(math.log2(k_cache.shape[1])),
         float(scale) * LOG2E, float(scale) / softcap if softcap else 0.0, float(softcap or 0.0) * LOG2E,
         int(sliding_window or 0),
-        int(sinks is not None), int(lse is not None), num_splits,
-        int(max_seqlen_q * group <= tile.block_m), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
+        int(sinks is not None), int(lse is not None), splits,
+        int(max_seqlen_q * (num_q_heads // num_kv_heads) <= tile.block_m),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
         IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    if num_splits > 1:
+    if splits > 1:
         _merge_splits_kernel[(num_tokens * num_q_heads,)](
             part_o, part_lse, sinks_f, target, lse_buf, num_tokens * num_q_heads, num_q_heads, head_dim,
-            int(sinks is not None), int(lse is not None), num_splits, D_PAD=d_pad, num_warps=MERGE_NUM_WARPS,
+            int(sinks is not None), int(lse is not None), splits, D_PAD=d_pad, num_warps=MERGE_NUM_WARPS,
         )
     if upcast:
         out.copy_(target)
-
-
-def paged_attention(
-    q: torch.Tensor,  # [T, Hq, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,  # [B] int
-    cu_seqlens_q: torch.Tensor,  # [B + 1] int
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,  # [Hq]
-    out: torch.Tensor | None = None,  # [T, Hq, D]
-    return_lse: bool = False,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-):
-    """Validate, allocate, launch: ``out [T, Hq, D]`` (and ``lse [T, Hq]`` fp32 when asked)."""
-    scale, out, lse = prepare_paged_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out, return_lse=return_lse,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-    )
-    launch_paged_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-    )
-    return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------- AOT configs

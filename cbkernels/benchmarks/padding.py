@@ -28,7 +28,7 @@ GENERATED = (8, 64)
 def padding_rows(seed: int = 0) -> list[dict]:
     from transformers import GenerationConfig
 
-    from ..config import BatchConfig
+    from ..engine.config import BatchConfig
     from ..engine import Engine
 
     model = tiny_llama(vocab=256)

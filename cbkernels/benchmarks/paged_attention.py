@@ -29,7 +29,7 @@ import time
 import torch
 
 import cbkernels
-from cbkernels import _torch_ops
+from cbkernels.ops import torch_path as _torch_ops
 from cbkernels.reference.paged_attention import paged_attention as reference
 from cbkernels.testing import TOLERANCES
 

@@ -78,7 +78,7 @@ def run_cbkernels(model, prompts, gc, config):
 def run_peers(model, prompts, gc, *, include_default=True, out_dir=None, progress=True) -> list[dict]:
     from tqdm import tqdm
 
-    from ..config import BatchConfig
+    from ..engine.config import BatchConfig
 
     with torch.no_grad():  # one-time initialisation is nobody's cost
         warm = torch.tensor([prompts[0]], device=model.device)

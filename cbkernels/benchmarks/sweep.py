@@ -29,7 +29,7 @@ def _row(knob: str, value: int, run) -> dict:
 def run_sweep(model, prompts, generation_config, *, block_size=16, out_dir=None, progress=True) -> list[dict]:
     from tqdm import tqdm
 
-    from ..config import BatchConfig
+    from ..engine.config import BatchConfig
 
     longest = max(len(p) for p in prompts) + generation_config.max_new_tokens
     num_blocks = len(prompts) * (-(-longest // block_size)) + 4  # every request fits at once

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .testing import TOLERANCES, make_paged_batch
+from .. import ops
+from ..testing import TOLERANCES, make_paged_batch
 
 
 def backend_name(device: str) -> str:
@@ -32,7 +32,7 @@ def run_selfcheck(device: str = "cpu", dtype: torch.dtype = torch.float32, seed:
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     new_k = torch.randn(keys.shape, generator=gen).to(dtype).to(device)
     new_v = torch.randn(keys.shape, generator=gen).to(dtype).to(device)
-    from ._torch_ops import slots_for
+    from ..ops.torch_path import slots_for
 
     slots = slots_for(batch.block_tables, batch.seq_lens, batch.k_cache.shape[1])
     ops.scatter_kv(new_k, new_v, k_cache, v_cache, slots)

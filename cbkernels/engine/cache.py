@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._validation import check_count, check_request_id
+from .inputs import check_count, check_request_id
 from .allocators import (  # noqa: F401  (re-exported)
     BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks,
     SlidingAttentionCacheAllocator, chain_hash,
@@ -205,7 +205,7 @@ class PagedAttentionCache:
         """Copy-on-write: duplicate blocks src -> dst in every layer."""
         if not copies:
             return
-        from .ops import copy_blocks
+        from ..ops import copy_blocks
 
         mapping = torch.tensor(copies, dtype=torch.int64, device=self.kv.device)
         for layer in range(self.num_layers):

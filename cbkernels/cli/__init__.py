@@ -12,8 +12,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-from .bench_cmd import add_parser as add_bench_parser
-from .generate_cmd import UsageError, add_parser as add_generate_parser
+from .bench import add_parser as add_bench_parser
+from .generate import UsageError, add_parser as add_generate_parser
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ._validation import check_count
+from .inputs import check_count
 from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
 from .requests import Request, RequestStatus as S

@@ -33,10 +33,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ._validation import check_generation_config, check_inputs, check_prompt, prompt_problem
+from .inputs import check_generation_config, check_inputs, check_prompt, prompt_problem
 from .cache import PagedAttentionCache
 from .config import BatchConfig
-from .integration import NAME, register
+from ..attention.integration import NAME, register
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .requests import Request, RequestOutput, RequestStatus as S, SamplingParams
@@ -48,7 +48,7 @@ from .serving import WAIT_RECHECK_S as _WAIT_RECHECK_S, ServingLoop
 def _resolve_backend(config: BatchConfig, device: torch.device) -> str:
     if config.backend != "auto":
         return config.backend
-    from .ops import use_triton
+    from ..ops import use_triton
 
     return "triton" if use_triton(torch.empty(0, device=device)) else "torch"
 

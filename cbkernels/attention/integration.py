@@ -24,8 +24,8 @@ import sys
 
 import torch
 
-from . import _torch_ops
-from .model_runner import METADATA_KWARG
+from ..ops import torch_path as _torch_ops
+from ..engine.model_runner import METADATA_KWARG
 
 NAME = "cbkernels"
 _registered = False
@@ -65,7 +65,7 @@ def cbkernels_attention(module, query, key, value, attention_mask, dropout: floa
         return out.unsqueeze(0), None
     # The engine built (and its tests check) this metadata: the unvalidated ops skip the
     # per-layer value checks, which would cost device-to-host syncs on CUDA.
-    from .ops import _paged_attention_op, _scatter_kv_op
+    from ..ops import _paged_attention_op, _scatter_kv_op
 
     _scatter_kv_op(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]

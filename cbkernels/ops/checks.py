@@ -157,7 +157,7 @@ def _is_power_of_two(n: int) -> bool:
 
 def check_paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
-    scale, sliding_window, softcap, sinks, out, max_seqlen_q, max_seqlen_k,
+    scale, sliding_window, softcap, sinks, out, max_seqlen_q, max_seqlen_k, num_splits=None,
 ) -> None:
     check_cache_pair(k_cache, v_cache)
     device = k_cache.device
@@ -181,7 +181,7 @@ def check_paged_attention(
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries")
     batch = cu_seqlens_q.shape[0] - 1
-    # DESIGN: with both host bounds given a CUDA launch needs no device-to-host sync, so the
+    # Contract: with both host bounds given a CUDA launch needs no device-to-host sync, so the
     # checks that read tensor values run on CUDA only when a bound is missing (a sync anyway).
     values = not (q.is_cuda and max_seqlen_q is not None and max_seqlen_k is not None)
     check_block_tables(block_tables, seq_lens, k_cache, batch=batch, values=values)
@@ -198,6 +198,11 @@ def check_paged_attention(
     if out is not None:
         check_tensor("out", out, ndim=3, dtypes=FLOAT_DTYPES, device=device)
         check_same("out", out, "q", q)
+    if num_splits is not None:
+        from cbkernels.kernels.paged_attention_tiles import MAX_SPLITS
+
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+            raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}] or None, got {num_splits!r}")
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if bound is not None and not (isinstance(bound, int) and bound >= 0):
             raise ValueError(f"{name} must be a non-negative int or None, got {bound!r}")
@@ -217,109 +222,16 @@ def check_paged_attention(
         raise ValueError(f"max_seqlen_k {max_seqlen_k} is below the longest sequence {int(seq_lens.max())}")
 
 
-# --------------------------------------------------------------------------- engine inputs
-# What the engine raises for (engine-level misuse, before anything is scheduled) versus what
-# it turns into a FAILED request (a problem of one prompt; the others still run):
-#   TypeError  - inputs not a list of token-id lists, a token id that is not an int, a
-#                generation_config that is not a GenerationConfig, a request_id not a str;
-#   ValueError - generation_config numbers out of range (temperature < 0, top_k < 0,
-#                top_p outside (0, 1]);
-#   FAILED     - empty prompt, token id outside [0, vocab_size), prompt + max_new_tokens
-#                past max_position_embeddings or past what the cache can ever hold,
-#                max_new_tokens <= 0.
-
-
-def _token_list(name: str, prompt) -> list[int]:
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-            raise TypeError(f"{name} must be a 1-D integer tensor or a list of ints, got a {_dtype_name(prompt.dtype)} "
-                            f"tensor of shape {tuple(prompt.shape)}")
-        return prompt.tolist()
-    if isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, (list, tuple, range)):
-        raise TypeError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
-    tokens = []
-    for j, t in enumerate(prompt):
-        if isinstance(t, bool) or not hasattr(t, "__index__"):
-            raise TypeError(f"{name}[{j}] must be an int token id, got {type(t).__name__} {t!r:.40}")
-        tokens.append(int(t.__index__()))
-    return tokens
-
-
-def check_prompt(prompt, name: str = "prompt_ids") -> list[int]:
-    """One prompt as a plain ``list[int]`` (TypeError naming ``name`` otherwise)."""
-    return _token_list(name, prompt)
-
-
-def check_inputs(inputs) -> list[list[int]]:
-    """``Engine.generate``'s ``inputs``: a list (or tuple) of prompts, each a list of ints."""
-    if isinstance(inputs, (str, bytes, torch.Tensor)) or not isinstance(inputs, (list, tuple)):
-        raise TypeError(f"inputs must be a list of token-id lists, got {type(inputs).__name__}")
-    return [_token_list(f"inputs[{i}]", p) for i, p in enumerate(inputs)]
-
-
-def check_generation_config(gc) -> None:
-    """Type and range of the sampling fields the engine reads (shared by every request)."""
-    from transformers import GenerationConfig
-
-    if not isinstance(gc, GenerationConfig):
-        raise TypeError(f"generation_config must be a transformers.GenerationConfig or None, got {type(gc).__name__}")
-    mnt = gc.max_new_tokens
-    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int)):
-        raise TypeError(f"generation_config.max_new_tokens must be an int, got {type(mnt).__name__}")
-    for field_name in ("temperature", "top_p"):
-        v = getattr(gc, field_name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise TypeError(f"generation_config.{field_name} must be a number, got {type(v).__name__}")
-    if gc.temperature is not None and not (math.isfinite(gc.temperature) and gc.temperature >= 0):
-        raise ValueError(f"generation_config.temperature must be a finite number >= 0, got {gc.temperature}")
-    if gc.top_p is not None and not (0.0 < gc.top_p <= 1.0):
-        raise ValueError(f"generation_config.top_p must be in (0, 1], got {gc.top_p}")
-    if gc.top_k is not None and (isinstance(gc.top_k, bool) or not isinstance(gc.top_k, int) or gc.top_k < 0):
-        raise ValueError(f"generation_config.top_k must be an int >= 0, got {gc.top_k!r}")
-
-
-def prompt_problem(tokens: list[int], max_new_tokens: int, *, vocab_size, max_positions, can_ever_fit) -> str | None:
-    """Why this one request cannot run (it becomes FAILED with this reason), or None."""
-    if not tokens:
-        return "empty prompt"
-    if max_new_tokens < 1:
-        return f"max_new_tokens must be >= 1, got {max_new_tokens}"
-    if vocab_size is not None:
-        bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
-    total = len(tokens) + max_new_tokens
-    if max_positions is not None and total > max_positions:
-        return (f"prompt of {len(tokens)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                f"max_position_embeddings {max_positions}")
-    if not can_ever_fit(total):
-        return f"request needs more KV cache than exists: {len(tokens)} prompt + {max_new_tokens} new tokens"
-    return None
-
-
-def check_count(name: str, value, minimum: int = 0) -> None:
-    """``value`` must be an int (not a bool) >= ``minimum``: TypeError / ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def check_request_id(request_id) -> None:
-    if not isinstance(request_id, str):
-        raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
-
-
 def prepare_paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
-    scale, sliding_window, softcap, sinks, out, return_lse, max_seqlen_q, max_seqlen_k,
+    scale, sliding_window, softcap, sinks, out, return_lse, max_seqlen_q, max_seqlen_k, num_splits=None,
 ):
     """The front half every ``paged_attention`` entry point shares: validate, resolve the
     default scale, allocate ``out`` and (when asked) ``lse``. Returns ``(scale, out, lse)``."""
     check_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
         sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
     )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if out is None:

@@ -2,7 +2,10 @@
 
 * CUDA tensors -> the compiled Triton kernels;
 * CPU tensors with ``TRITON_INTERPRET=1`` -> the same Triton kernels, interpreted;
-* CPU tensors otherwise -> the vectorised PyTorch path in ``cbkernels._torch_ops``.
+* CPU tensors otherwise -> the vectorised PyTorch path in ``cbkernels.ops.torch_path``.
+
+Arguments are checked here (``cbkernels.ops.checks``), never inside ``cbkernels.kernels``,
+which stays a leaf package of jit code and launchers.
 
 Each entry point is a ``torch.library.custom_op`` with a fake implementation, so models
 calling it compile under ``torch.compile`` without graph breaks. Outputs are allocated by
@@ -15,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from . import _torch_ops
-from ._validation import (
+from . import torch_path as _torch_ops
+from .checks import (
     check_copy_blocks,
     check_gather_kv,
     check_scatter_kv,
@@ -125,18 +128,19 @@ def copy_blocks(
 
 
 # --------------------------------------------------------------------------- paged_attention
-@torch.library.custom_op("cbkernels::paged_attention", mutates_args=("out", "lse"))
+@torch.library.custom_op("cbkernels::paged_attention", mutates_args=("out", "lse", "workspace"))
 def _paged_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, out: torch.Tensor, lse: Optional[torch.Tensor],
     scale: float, sliding_window: Optional[int], softcap: Optional[float], sinks: Optional[torch.Tensor],
-    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], num_splits: Optional[int] = None,
+    workspace: Optional[torch.Tensor] = None,
 ) -> None:
     if use_triton(q):
         _kernel_module("paged_attention").launch_paged_attention(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse,
             scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, workspace=workspace,
         )
     else:
         _torch_ops.paged_attention(
@@ -147,7 +151,7 @@ def _paged_attention_op(
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale, sliding_window,
-      softcap, sinks, max_seqlen_q, max_seqlen_k) -> None:
+      softcap, sinks, max_seqlen_q, max_seqlen_k, num_splits=None, workspace=None) -> None:
     return None
 
 
@@ -167,19 +171,23 @@ def paged_attention(
     return_lse: bool = False,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    num_splits: int | None = None,
 ):
     """Causal paged attention over a mixed batch of decodes, chunked and whole prefills.
 
     Returns ``out [T, Hq, D]``, and ``lse [T, Hq]`` fp32 (natural log of the softmax
-    denominator, sinks included) when ``return_lse``. See DESIGN.md for the full contract.
+    denominator, sinks included) when ``return_lse``. The contract (row packing, causal
+    alignment, window, softcap, sinks) is in the README's Kernel API section.
+    ``num_splits`` forces the Triton kernel's split-KV segment count (None: its heuristic);
+    the PyTorch path has no segments and computes the same result either way.
     """
     scale, out, lse = prepare_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
         sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out, return_lse=return_lse,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
     )
     _paged_attention_op(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, scale,
-        sliding_window, None if softcap is None else float(softcap), sinks, max_seqlen_q, max_seqlen_k,
+        sliding_window, None if softcap is None else float(softcap), sinks, max_seqlen_q, max_seqlen_k, num_splits,
     )
     return (out, lse) if return_lse else out

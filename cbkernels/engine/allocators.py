@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from typing import Optional
 
-from ._validation import check_count, check_request_id
+from .inputs import check_count, check_request_id
 
 
 class OutOfBlocks(RuntimeError):

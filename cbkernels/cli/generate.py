@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .prompts import PromptError, collect_prompts, encode
+from ..prompts import PromptError, collect_prompts, encode
 
 # Cache blocks added to what the workload needs, so a prefill chunk never waits on the last block.
 CACHE_SLACK_BLOCKS = 4
@@ -103,7 +103,7 @@ def print_table(rows, file=sys.stdout) -> None:
 def _load(args):
     import torch
 
-    from .models import load_default_model, load_model
+    from ..models import load_default_model, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -147,8 +147,8 @@ def run_generate(args) -> int:
     from transformers import GenerationConfig
     from tqdm import tqdm
 
-    from .config import BatchConfig
-    from .engine import Engine
+    from ..engine import BatchConfig
+    from ..engine import Engine
 
     model, tok, device = _load(args)
     encoded = [encode(tok, p) for p in prompts]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .generate_cmd import UsageError
+from .generate import UsageError
 
 PARTS = ("peers", "sweep", "padding", "kernels")
 
@@ -21,15 +21,15 @@ def _model_and_prompts(args):
     import torch
     from transformers import GenerationConfig
 
-    from .benchmarks.workloads import BENCH_PROMPTS, encode_prompts
-    from .models import load_default_model, load_model
+    from ..benchmarks.workloads import BENCH_PROMPTS, encode_prompts
+    from ..models import load_default_model, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if args.random_llama:
-        from .benchmarks.workloads import llama_shaped, random_prompts
+        from ..benchmarks.workloads import llama_shaped, random_prompts
 
         model = llama_shaped(args.random_llama, dtype=dtype, device=device)
         prompts = random_prompts(args.prompts, model.config.vocab_size)
@@ -67,22 +67,22 @@ def run_bench(args) -> int:
     if "peers" in parts or "sweep" in parts:
         model, prompts, gc = _model_and_prompts(args)
     if "peers" in parts:
-        from .benchmarks.peers import run_peers
+        from ..benchmarks.peers import run_peers
 
         print("== engines side by side ==")
         run_peers(model, prompts, gc, include_default=not args.skip_default_peer, out_dir=out, progress=progress)
     if "sweep" in parts:
-        from .benchmarks.sweep import run_sweep
+        from ..benchmarks.sweep import run_sweep
 
         print("\n== throughput against latency ==")
         run_sweep(model, prompts, gc, out_dir=out, progress=progress)
     if "padding" in parts:
-        from .benchmarks.padding import run_padding
+        from ..benchmarks.padding import run_padding
 
         print("\n== padding waste ==")
         run_padding(out_dir=out)
     if "kernels" in parts:
-        from .benchmarks import kv_cache, paged_attention
+        from ..benchmarks import kv_cache, paged_attention
 
         print("\n== kernel microbenchmarks ==")
         extra = ["--out", str(out)] if out else []

@@ -1,0 +1,158 @@
+"""Launch decisions of the paged-attention kernel: tiles per arch, grid size, split-KV.
+
+Pure functions of shapes and device properties, kept apart from the jit code so that the
+launcher, the engine's workspace sizing and the ahead-of-time compile gate share one answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ._common import next_power_of_2
+
+# Head dims below 64 (validation allows 16..56) run on the D = 64 tiles, masked: small heads are
+# rare (test models) and it keeps the AOT config count at three head-dim pads (64, 128, 256).
+MIN_D_PAD = 64
+# Smallest M of tl.dot on tensor cores (mma.sync m16n8k16): decode tiles pad up to it.
+DECODE_BLOCK_M = 16
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # flattened (token, head_in_group) rows per program
+    block_n: int  # keys per KV tile
+    num_warps: int
+    num_stages: int
+
+
+# Launch tiles per arch, keyed by (kind, element size, padded head dim). Where the numbers came
+# from (every entry checked in the AOT table, python -m cbkernels.aot --kernel paged_attention,
+# which compiles every config for BOTH sm_80 and sm_90, so an entry must fit both):
+# * decode BLOCK_M 16 is the mma.sync minimum (m16n8k16); decode is bandwidth-bound, so larger
+#   M would only waste MMA. BLOCK_N 64 at 2-byte D <= 128: 79-164 registers, 20-38 KB smem.
+# * prefill BLOCK_M 128 at D = 64 reaches wgmma on sm_90 (>= 64 rows; docs/verification.md) at 154
+#   registers. At D = 128, M = 128 spilled on sm_80 (255 registers + 20 B spills: mma.sync keeps
+#   the whole accumulator in registers) and sat at 238 on sm_90, so M = 64 (146-188 registers).
+# * D = 256 halves N (and M for decode stays 16): the 256-wide K/V tiles double smem and regs.
+# * fp32 inputs run IEEE dots on FMA units, no MMA: M = 64 spilled on sm_80 (420 B at 4 warps),
+#   M = 32 fits (107-154 registers); D = 256 halves M again.
+# * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
+#   K/V buffer for the D <= 128 fp16/bf16 decode and D = 64 prefill tiles (<= 49 KB); 2 on sm_80
+#   (163 KB, and its cp.async pipeline gains little from a third stage on a gather).
+def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
+    stages = 3 if arch >= 90 else 2
+    return {
+        ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages),
+        ("decode", 2, 128): Tile(DECODE_BLOCK_M, 64, 4, stages),
+        ("decode", 2, 256): Tile(DECODE_BLOCK_M, 32, 4, 2),
+        ("decode", 4, 64): Tile(DECODE_BLOCK_M, 32, 4, 2),
+        ("decode", 4, 128): Tile(DECODE_BLOCK_M, 32, 4, 2),
+        ("decode", 4, 256): Tile(DECODE_BLOCK_M, 16, 4, 2),
+        ("prefill", 2, 64): Tile(128, 64, 8, stages),
+        ("prefill", 2, 128): Tile(64, 64, 8, 2),
+        ("prefill", 2, 256): Tile(64, 32, 8, 2),
+        ("prefill", 4, 64): Tile(32, 32, 4, 2),
+        ("prefill", 4, 128): Tile(32, 32, 8, 2),
+        ("prefill", 4, 256): Tile(16, 32, 8, 2),
+    }
+
+
+TILES = {80: _tiles(80), 90: _tiles(90)}
+# Archs newer than sm_90 reuse the sm_90 table; older ones (and the interpreter, which mirrors
+# an H100's decisions) pick by the nearest entry at or below.
+INTERPRETER_ARCH = 90
+
+# Split-KV heuristic. The number of SMs of an H100 SXM stands in for the device when
+# interpreting on CPU, so CPU runs take the decisions an H100 would.
+INTERPRETER_SM_COUNT = 132
+# Split only when the (q tile x KV head) programs fill less than this many waves of SMs: one
+# program per SM leaves most of the bandwidth idle on a decode (flash-decoding's motivation).
+SPLIT_WAVES_TARGET = 2
+# Each segment keeps at least this many keys, so the extra partial write (D fp32 per row) and
+# merge stay small next to the K/V bytes a segment streams (256 keys x D x 2 arrays).
+SPLIT_MIN_KEYS = 256
+# Upper bound on segments: beyond 16 the merge kernel's loop and scratch traffic outgrow the
+# gain (a 132-SM GPU is filled by 16 splits of 8+ programs).
+MAX_SPLITS = 16
+# Scratch for partials is capped (fp32 acc + lse per split and row); wider batches do not split.
+SPLIT_SCRATCH_MAX_BYTES = 512 * 1024 * 1024
+
+# Merge kernel: one (token, q head) per program, 4 warps cover a 256-wide head row in one pass.
+MERGE_NUM_WARPS = 4
+
+
+def device_arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_ARCH
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major * 10 + minor >= 90 else 80
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Next power of two, at least MIN_D_PAD (masked lanes cost little next to another config)."""
+    return max(next_power_of_2(head_dim), MIN_D_PAD)
+
+
+def pick_tile(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> Tile:
+    """Decode tile (M = 16) when one sequence's rows x heads fit in it, else the prefill tile."""
+    kind = "decode" if max_seqlen_q * group <= DECODE_BLOCK_M else "prefill"
+    size = 4 if dtype == torch.float32 else 2
+    return TILES[arch][(kind, size, padded_head_dim(head_dim))]
+
+
+def num_virtual_tiles(num_tokens: int, batch: int, group: int, block_m: int, max_seqlen_q: int) -> int:
+    """Grid axis 0, from host ints only: ``batch`` when every sequence fits one tile, else the
+    bound ``cdiv(T * group, BLOCK_M) + B`` of the module docstring."""
+    if max_seqlen_q * group <= block_m:
+        return batch
+    return triton.cdiv(num_tokens * group, block_m) + batch
+
+
+def pick_num_splits(programs: int, max_seqlen_k: int, sm_count: int, scratch_bytes_per_split: int) -> int:
+    """Segments per q tile: split only while (q tiles x KV heads) programs fill fewer than
+    SPLIT_WAVES_TARGET waves of the SMs, keeping SPLIT_MIN_KEYS keys per segment, at most
+    MAX_SPLITS, within SPLIT_SCRATCH_MAX_BYTES of partials."""
+    target = sm_count * SPLIT_WAVES_TARGET
+    if programs <= 0 or programs >= target:
+        return 1
+    splits = min(triton.cdiv(target, programs), max_seqlen_k // SPLIT_MIN_KEYS, MAX_SPLITS)
+    splits = min(splits, SPLIT_SCRATCH_MAX_BYTES // max(scratch_bytes_per_split, 1))
+    return max(splits, 1)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything the launcher decides from shapes and host bounds (no tensor values)."""
+
+    tile: Tile
+    d_pad: int
+    grid_m: int
+    num_splits: int
+
+    def workspace_numel(self, num_tokens: int, num_q_heads: int) -> int:
+        """fp32 elements of split-KV partials (acc + log-sum-exp per row); 0 without splits."""
+        if self.num_splits == 1:
+            return 0
+        return self.num_splits * num_tokens * num_q_heads * (self.d_pad + 1)
+
+
+def plan_launch(device: torch.device, dtype: torch.dtype, num_tokens: int, batch: int, num_q_heads: int,
+                num_kv_heads: int, head_dim: int, max_seqlen_q: int, max_seqlen_k: int,
+                num_splits: int | None = None) -> LaunchPlan:
+    """The launch of one call; ``num_splits`` forces the split count (None: the heuristic)."""
+    group = num_q_heads // num_kv_heads
+    tile = pick_tile(device_arch(device), dtype, head_dim, max_seqlen_q, group)
+    d_pad = padded_head_dim(head_dim)
+    grid_m = num_virtual_tiles(num_tokens, batch, group, tile.block_m, max_seqlen_q)
+    if num_splits is None:
+        num_splits = pick_num_splits(grid_m * num_kv_heads, max_seqlen_k, sm_count(device),
+                                     num_tokens * num_q_heads * (d_pad + 1) * 4)
+    return LaunchPlan(tile, d_pad, grid_m, num_splits)
