@@ -1,8 +1,9 @@
 """transformers integration: ``attn_implementation="cbkernels"``.
 
 ``cbkernels_attention`` is registered with transformers' ``AttentionInterface``. Called by
-an engine step (paged metadata in the ``cbkernels_metadata`` kwarg) it scatters the layer's
-new K/V into the paged cache and attends with ``paged_attention``; called without it (plain
+an engine step (the step's metadata and backend in the forward kwargs, see
+``cbkernels.attention.metadata``) it hands the layer to that backend, which writes the new
+K/V into the paged cache and attends over it; called without them (plain
 ``model.generate()``, a training forward) it is exact dense causal attention through
 transformers' own ``sdpa_attention_forward``, with sdpa's mask builder registered under the
 same name so padded batches stay correct.
@@ -22,58 +23,28 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-import torch
-
-from ..ops import torch_path as _torch_ops
-from ..engine.model_runner import METADATA_KWARG
-
 NAME = "cbkernels"
+# Forward kwargs of a paged step: transformers passes unknown kwargs through to the attention
+# function, which is how the step's metadata and its backend reach every layer.
+METADATA_KWARG = "cbkernels_metadata"
+BACKEND_KWARG = "cbkernels_backend"
 _registered = False
 
 
 def cbkernels_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling=None, **kwargs):
+    """transformers' attention-function signature. With a step in the kwargs, the step's
+    backend runs it; without one, dense causal attention through transformers' SDPA path."""
     meta = kwargs.get(METADATA_KWARG)
     if meta is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    layer = module.layer_idx
-    meta.layers_seen += 1
-    cache = meta.cache
-    group = meta.groups[cache.group_of_layer[layer]]
-    k_cache, v_cache = cache.layer_cache(layer)
-    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    softcap = kwargs.get("softcap")
-    sinks = getattr(module, "sinks", None)
-    window = group.sliding_window if group.sliding_window is not None else kwargs.get("sliding_window")
-    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, Hkv, D]
-    if meta.backend == "torch":  # slots come from the engine: no validation, no sync
-        if meta.padded:  # padding rows of a decode bucket hold slot -1: skip them
-            _torch_ops.scatter_kv(new_k, new_v, k_cache, v_cache, group.slot_mapping)
-        else:
-            row_shape = k_cache.shape[2:]
-            k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
-            v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
-        if softcap is None and sinks is None:
-            return _torch_ops.engine_attention(query, key, value, k_cache, v_cache, meta, group, scale=scale), None
-        q = query[0].transpose(0, 1)
-        out = torch.empty_like(q)
-        _torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
-                                   out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
-        return out.unsqueeze(0), None
-    # The engine built (and its tests check) this metadata: the unvalidated ops skip the
-    # per-layer value checks, which would cost device-to-host syncs on CUDA.
-    from ..ops import _paged_attention_op, _scatter_kv_op
-
-    _scatter_kv_op(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
-    q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-    out = torch.empty_like(q)
-    _paged_attention_op(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q, out, None,
-                        scale, window, None if softcap is None else float(softcap), sinks,
-                        meta.max_seqlen_q, meta.max_seqlen_k)
-    return out.unsqueeze(0), None
+    backend = kwargs[BACKEND_KWARG]
+    out = backend.attend(module, query, key, value, meta, scaling=scaling, softcap=kwargs.get("softcap"),
+                         sliding_window=kwargs.get("sliding_window"))
+    return out, None
 
 
 def register() -> None:

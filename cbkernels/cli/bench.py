@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .generate import UsageError
+from .common import UsageError, load_model_for_cli
 
 PARTS = ("peers", "sweep", "padding", "kernels")
 
@@ -22,7 +22,6 @@ def _model_and_prompts(args):
     from transformers import GenerationConfig
 
     from ..benchmarks.workloads import BENCH_PROMPTS, encode_prompts
-    from ..models import load_default_model, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,11 +35,7 @@ def _model_and_prompts(args):
         # No EOS: every request generates max_new_tokens, so runs are comparable.
         gc = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         return model, prompts, gc
-    try:
-        model, tok = load_default_model(dtype=dtype) if args.model is None else load_model(args.model, dtype=dtype)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot load model: {str(exc).splitlines()[0]}") from None
-    model = model.to(device)
+    model, tok, device = load_model_for_cli(args.model, device)
     texts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(args.prompts)]
     prompts = encode_prompts(tok, texts)
     eos = model.generation_config.eos_token_id

@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from ..prompts import PromptError, collect_prompts, encode
+from ..engine.metrics import percentile
+from ..engine.scheduler_names import SCHEDULER_NAMES
+from .common import UsageError, load_model_for_cli
 
 # Cache blocks added to what the workload needs, so a prefill chunk never waits on the last block.
 CACHE_SLACK_BLOCKS = 4
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported in one line, exit code 2."""
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def _positive(name: str, value, *, allow_zero: bool = False):
@@ -67,7 +57,7 @@ def static_batch_ratio(outputs, computed_tokens: int) -> str:
     return f"{static} vs {computed_tokens} positions ({static / computed_tokens:.2f}x)"
 
 
-def metrics_rows(outputs, wall_s: float, engine_metrics: dict, peak_occupancy: float) -> list[tuple[str, str]]:
+def metrics_rows(outputs, wall_s: float, engine_metrics: dict) -> list[tuple[str, str]]:
     ok = [o for o in outputs if o.error is None]
     generated = sum(len(o.generated_tokens) for o in outputs)
     ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
@@ -85,7 +75,7 @@ def metrics_rows(outputs, wall_s: float, engine_metrics: dict, peak_occupancy: f
         ("TTFT p50 / p90", f"{ms(ttft, 0.5)} / {ms(ttft, 0.9)}"),
         ("ITL p50 / p90", f"{ms(itl, 0.5)} / {ms(itl, 0.9)}"),
         ("end-to-end p50 / p90", f"{ms(e2e, 0.5)} / {ms(e2e, 0.9)}"),
-        ("peak cache occupancy", f"{100 * peak_occupancy:.0f}% of {engine_metrics['cache_num_blocks']} blocks"),
+        ("peak cache occupancy", f"{100 * engine_metrics['cache_peak_occupancy']:.0f}% of {engine_metrics['cache_num_blocks']} blocks"),
         ("prefix cache hit rate", f"{100 * engine_metrics['prefix_hit_rate']:.0f}%"),
         ("padding saved vs padded steps", f"{100 * engine_metrics['padding_saved']:.0f}%"),
         ("compute vs one static padded batch", static_batch_ratio(outputs, engine_metrics["computed_tokens"])),
@@ -100,33 +90,12 @@ def print_table(rows, file=sys.stdout) -> None:
         print(f"  {key.ljust(width)}  {value}", file=file)
 
 
-def _load(args):
-    import torch
-
-    from ..models import load_default_model, load_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        if args.model is None:
-            model, tok = load_default_model(dtype=dtype)
-        else:
-            model, tok = load_model(args.model, dtype=dtype, allow_pickle=args.allow_pickle)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot load model: {str(exc).splitlines()[0]}") from None
-    return model.to(device), tok, device
-
-
-def _stream_one(engine, tok, rid) -> float:
+def _stream_one(engine, tok, rid) -> None:
     """Print one request's answer token by token (decoding the whole answer keeps
-    multi-token characters intact); returns the peak cache occupancy."""
+    multi-token characters intact)."""
     shown = ""
     ids: list[int] = []
-    peak = 0.0
     for token in engine.stream(rid):
-        peak = max(peak, engine.cache.occupancy())
         ids.append(token)
         text = tok.decode(ids, skip_special_tokens=True)
         if text.startswith(shown):
@@ -134,7 +103,6 @@ def _stream_one(engine, tok, rid) -> float:
             sys.stdout.flush()
             shown = text
     sys.stdout.write("\n")
-    return peak
 
 
 def run_generate(args) -> int:
@@ -145,7 +113,6 @@ def run_generate(args) -> int:
         raise UsageError(str(exc)) from None
 
     from transformers import GenerationConfig
-    from tqdm import tqdm
 
     from ..engine import BatchConfig
     from ..engine import Engine
@@ -163,29 +130,22 @@ def run_generate(args) -> int:
           f"{num_blocks} cache blocks of {args.block_size}", file=sys.stderr)
 
     start = time.perf_counter()
-    peak = 0.0
-    ids = [engine.add_request(e, gen_config) for e in encoded]
-    if len(ids) == 1 and not args.no_stream:
-        with engine._attention():
-            peak = _stream_one(engine, tok, ids[0])
+    streaming = len(encoded) == 1 and not args.no_stream
+    if streaming:
+        rid = engine.add_request(encoded[0], gen_config)
+        _stream_one(engine, tok, rid)
+        outputs = [engine.pop_result(rid)]
     else:
-        with engine._attention(), tqdm(total=len(ids), desc="requests", unit="req", file=sys.stderr,
-                                       disable=args.quiet) as bar:
-            while engine.scheduler.has_work():
-                engine.step()
-                peak = max(peak, engine.cache.occupancy())
-                done = sum(engine.requests[r].is_done for r in ids)
-                bar.update(done - bar.n)
+        outputs = engine.generate(encoded, gen_config, progress_bar=not args.quiet)
     wall = time.perf_counter() - start
-    outputs = [engine.get_result(r) for r in ids]
     answers = [tok.decode(o.generated_tokens, skip_special_tokens=True) for o in outputs]
-    if not (len(ids) == 1 and not args.no_stream):
+    if not streaming:
         for i, (prompt, out, answer) in enumerate(zip(prompts, outputs, answers), start=1):
             shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
             print(f"\n[{i}] {shown}")
             print(f"    error: {out.error}" if out.error else "    " + answer.strip().replace("\n", "\n    "))
     metrics = engine.metrics()
-    rows = metrics_rows(outputs, wall, metrics, peak)
+    rows = metrics_rows(outputs, wall, metrics)
     print_table(rows)
     if args.json:
         record = {
@@ -220,7 +180,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized to the workload)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget of one step")
-    p.add_argument("--scheduler", choices=["fifo", "prefill_first"], default="fifo")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="fifo")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt's tokens")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -8,11 +8,17 @@ physical ones for one kind of layer: ``FullAttentionCacheAllocator`` keeps every
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from .inputs import check_count, check_request_id
+
+# Bytes of a block hash: 128 bits keeps accidental collisions out of reach (and a hit is
+# still checked against the block's tokens).
+HASH_BYTES = 16
 
 
 class OutOfBlocks(RuntimeError):
@@ -21,19 +27,28 @@ class OutOfBlocks(RuntimeError):
     them; freeing an unknown request id is a no-op, so freeing twice is safe."""
 
 
-def chain_hash(parent: Optional[int], block_tokens) -> int:
-    """Hash of one full block, chained with the hash of everything before it."""
-    return hash((parent, tuple(block_tokens)))
+def chain_hash(parent: Optional[int], block_tokens: Sequence[int]) -> int:
+    """Hash of one full block, chained with the hash of everything before it: BLAKE2b of the
+    parent hash and the token ids as little-endian int64, so every process (every rank of a
+    multi-process server) computes the same value, unlike Python's per-process salted hash()."""
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    h.update(b"\x00" * HASH_BYTES if parent is None else parent.to_bytes(HASH_BYTES, "little"))
+    h.update(struct.pack(f"<{len(block_tokens)}q", *block_tokens))
+    return int.from_bytes(h.digest(), "little")
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, hash_fn: Callable[[Optional[int], Sequence[int]], int] = chain_hash):
         check_count("num_blocks", num_blocks, 1)
         self.num_blocks = num_blocks
+        self.hash_fn = hash_fn
         self.ref_counts = [0] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.block_to_hash: dict[int, int] = {}
+        # What each cached block holds: (parent hash, token ids). A hash match is a hit only
+        # when these match too, so a collision can never hand one prompt another's K/V.
+        self.block_content: dict[int, tuple[Optional[int], tuple[int, ...]]] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but cached; LRU first
 
     def num_free(self) -> int:
@@ -45,6 +60,7 @@ class BlockPool:
         elif self.evictable:
             block, _ = self.evictable.popitem(last=False)
             del self.hash_to_block[self.block_to_hash.pop(block)]
+            del self.block_content[block]
         else:
             raise OutOfBlocks("no free KV cache block")
         self.ref_counts[block] = 1
@@ -65,14 +81,19 @@ class BlockPool:
             else:
                 self.free_ids.append(block)
 
-    def lookup(self, block_hash: int) -> Optional[int]:
-        return self.hash_to_block.get(block_hash)
+    def lookup(self, block_hash: int, parent: Optional[int], tokens: Sequence[int]) -> Optional[int]:
+        """The cached block holding ``tokens`` after the prefix hashed ``parent``, or None."""
+        block = self.hash_to_block.get(block_hash)
+        if block is None or self.block_content[block] != (parent, tuple(tokens)):
+            return None
+        return block
 
-    def register(self, block: int, block_hash: int) -> None:
+    def register(self, block: int, block_hash: int, parent: Optional[int], tokens: Sequence[int]) -> None:
         if block_hash in self.hash_to_block or block in self.block_to_hash:
-            return  # the same content is already cached under another block
+            return  # the same content (or a colliding hash) is already cached under another block
         self.hash_to_block[block_hash] = block
         self.block_to_hash[block] = block_hash
+        self.block_content[block] = (parent, tuple(tokens))
 
     def is_cached(self, block: int) -> bool:
         return block in self.block_to_hash
@@ -115,8 +136,9 @@ class CacheAllocator(ABC):
     def trim(self, request_id: str, num_computed: int) -> None:
         """Release blocks no future query can see (sliding windows only)."""
 
-    def worst_case_blocks(self, total_len: int) -> int:
-        """Blocks a request of ``total_len`` tokens holds at its peak."""
+    def peak_blocks(self, total_len: int, max_batch_tokens: int) -> int:
+        """Most blocks a request of ``total_len`` tokens ever holds at once, when a step
+        computes at most ``max_batch_tokens`` of its tokens."""
         return -(-total_len // self.block_size)
 
 
@@ -206,5 +228,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
         for logical in self.held.pop(request_id, ()):
             self.pool.release(table[logical])
 
-    def worst_case_blocks(self, total_len):
-        return min(-(-total_len // self.block_size), self.ring_size)
+    def peak_blocks(self, total_len, max_batch_tokens):
+        # A prefill chunk holds the window before it plus the whole chunk until ``trim``.
+        chunk_peak = -(-(self.sliding_window + max_batch_tokens) // self.block_size) + 1
+        return min(-(-total_len // self.block_size), max(self.ring_size, chunk_peak))

@@ -7,11 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks, SlidingAttentionCacheAllocator
 from .inputs import check_count, check_request_id
-from .allocators import (  # noqa: F401  (re-exported)
-    BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks,
-    SlidingAttentionCacheAllocator, chain_hash,
-)
+from .model_config import max_context, text_config
 
 # Fallback when the machine's free memory cannot be read (e.g. an exotic OS).
 _UNKNOWN_FREE_BYTES = 4 << 30
@@ -77,7 +75,7 @@ class PagedAttentionCache:
 
     @classmethod
     def for_model(cls, model, config) -> "PagedAttentionCache":
-        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        mc = text_config(model)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
         param = next(model.parameters())
@@ -87,8 +85,7 @@ class PagedAttentionCache:
             per_block = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * param.element_size()
             budget = min(config.max_cache_bytes, int(config.memory_fraction * free_memory_bytes(device)))
             # No more than every running request at the model's longest context could use.
-            max_len = getattr(mc, "max_position_embeddings", None) or 8192
-            useful = config.max_num_seqs * -(-max_len // config.block_size)
+            useful = config.max_num_seqs * -(-max_context(mc) // config.block_size)
             num_blocks = max(1, min(budget // per_block, useful))
         return cls(num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
                    num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
@@ -129,14 +126,7 @@ class PagedAttentionCache:
         return sum(a.blocks_needed(req.request_id, req.num_computed, new_len) for a in self.allocators)
 
     def can_ever_fit(self, total_len: int) -> bool:
-        peak = 0
-        for a in self.allocators:
-            if isinstance(a, SlidingAttentionCacheAllocator):
-                chunk_peak = -(-(a.sliding_window + self.max_batch_tokens) // self.block_size) + 1
-                peak += min(-(-total_len // self.block_size), max(a.ring_size, chunk_peak))
-            else:
-                peak += a.worst_case_blocks(total_len)
-        return peak <= self.num_blocks
+        return sum(a.peak_blocks(total_len, self.max_batch_tokens) for a in self.allocators) <= self.num_blocks
 
     def match_prefix(self, req) -> list[tuple[int, int]]:
         """Adopt cached blocks for the longest cached prefix of a fresh request. At least one
@@ -149,8 +139,9 @@ class PagedAttentionCache:
         self.prefix_queried_tokens += len(tokens)
         parent = None
         for start in range(0, len(tokens) - bs + 1, bs):
-            h = chain_hash(parent, tokens[start:start + bs])
-            block = self.pool.lookup(h)
+            chunk = tokens[start:start + bs]
+            h = self.pool.hash_fn(parent, chunk)
+            block = self.pool.lookup(h, parent, chunk)
             if block is None:
                 break
             alloc.adopt(req.request_id, block)
@@ -193,9 +184,10 @@ class PagedAttentionCache:
         bs = self.block_size
         for logical in range(len(req.block_hashes), req.num_computed // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
-            h = chain_hash(parent, req.tokens[logical * bs:(logical + 1) * bs])
+            chunk = req.tokens[logical * bs:(logical + 1) * bs]
+            h = self.pool.hash_fn(parent, chunk)
             req.block_hashes.append(h)
-            self.pool.register(table[logical], h)
+            self.pool.register(table[logical], h, parent, chunk)
 
     def release(self, req) -> None:
         self.free_blocks(req.request_id)

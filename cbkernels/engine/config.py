@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 
-SCHEDULERS = ("fifo", "prefill_first")
-BACKENDS = ("auto", "torch", "triton")
+from ..attention.registry import BACKENDS as _BACKEND_CLASSES
+from .scheduler_names import SCHEDULER_NAMES as SCHEDULERS
+
+BACKENDS = ("auto", *_BACKEND_CLASSES)
 
 
 @dataclass(slots=True)
@@ -20,12 +22,12 @@ class BatchConfig:
       longer than what is left of it are prefilled in chunks (split prefill).
     * ``max_num_seqs``: at most this many requests run at once.
     * ``backend``: which attention code the engine runs. ``"auto"`` follows
-      ``cbkernels.ops`` (CUDA -> Triton, CPU -> Triton interpreter if ``TRITON_INTERPRET=1``,
+      the public ops (CUDA -> Triton, CPU -> Triton interpreter if ``TRITON_INTERPRET=1``,
       else the vectorised PyTorch path); ``"torch"`` forces the PyTorch path on CPU (it is
       what the engine uses on a laptop even under a test session that interprets Triton);
       ``"triton"`` forces the public Triton-dispatching ops.
     * ``use_cuda_graph``: capture decode-only steps in CUDA graphs, one per padded batch-size
-      bucket (``cbkernels.cuda_graphs``). ``None`` (default) turns it on for CUDA models on the
+      bucket (``cbkernels.engine.cuda_graphs``). ``None`` (default) turns it on for CUDA models on the
       Triton backend and off otherwise (CPU, or ``backend="torch"``); ``True`` on a CPU model
       or with ``backend="torch"`` is an error.
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.

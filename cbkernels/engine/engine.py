@@ -1,8 +1,9 @@
 """``Engine``: continuous batching over the paged cache.
 
-Each ``step()``: the scheduler picks requests and token counts -> copy-on-write copies ->
-one packed model forward (``ModelRunner``) -> sampled tokens update the request states ->
-finished requests free their blocks. ``generate()`` runs steps until every request is done;
+Each ``step()`` reads schedule -> run -> postprocess: the scheduler picks requests and
+token counts, the model runner does the copy-on-write copies, one packed forward and the
+sampling, and the scheduler moves every request on with its sampled token (finished
+requests free their blocks). ``generate()`` runs steps until every request is done;
 ``add_request`` / ``stream`` / ``cancel`` / ``get_result`` serve requests one by one.
 
 Reliability contract:
@@ -10,7 +11,7 @@ Reliability contract:
 * Engine-level misuse raises before anything is scheduled: ``TypeError`` for inputs that
   are not lists of int token ids or a ``generation_config`` that is not a GenerationConfig,
   ``ValueError`` for out-of-range sampling numbers or a reused ``request_id``, ``KeyError``
-  for an unknown ``request_id`` (see ``_validation.check_inputs``).
+  for an unknown ``request_id`` (see ``cbkernels.engine.inputs``).
 * A problem of one prompt (empty, a token id outside the vocabulary, longer than the
   model's positions or the cache, ``max_new_tokens <= 0``) makes that request FAILED with a
   reason on ``.error``; the others run.
@@ -33,27 +34,20 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .inputs import check_generation_config, check_inputs, check_prompt, prompt_problem
+from ..attention.integration import NAME, register
+from ..attention.registry import make_backend
 from .cache import PagedAttentionCache
 from .config import BatchConfig
-from ..attention.integration import NAME, register
+from .inputs import check_generation_config, check_inputs, check_prompt, prompt_problem
 from .metrics import EngineMetrics
+from .model_config import text_config
 from .model_runner import ModelRunner
-from .requests import Request, RequestOutput, RequestStatus as S, SamplingParams
+from .requests import Request, RequestOutput, SamplingParams
 from .scheduler import make_scheduler
-from .serving import WAIT_RECHECK_S as _WAIT_RECHECK_S, ServingLoop
+from .serving import WAIT_RECHECK_S, ServingLoop
 
 
-
-def _resolve_backend(config: BatchConfig, device: torch.device) -> str:
-    if config.backend != "auto":
-        return config.backend
-    from ..ops import use_triton
-
-    return "triton" if use_triton(torch.empty(0, device=device)) else "torch"
-
-
-class Engine(ServingLoop):
+class Engine:
     def __init__(self, model, config: Optional[BatchConfig] = None):
         if config is not None and not isinstance(config, BatchConfig):
             raise TypeError(f"config must be a cbkernels.BatchConfig or None, got {type(config).__name__}")
@@ -61,28 +55,49 @@ class Engine(ServingLoop):
         self.model = model
         self.config = config if config is not None else BatchConfig()
         self.cache = PagedAttentionCache.for_model(model, self.config)
-        device = self.cache.kv.device
-        self.backend = _resolve_backend(self.config, device)
+        mc = text_config(model)
+        self.attention = make_backend(self.config.backend, self.cache, mc.num_attention_heads)
+        self.backend = self.attention.name
         self.generator = None
         if self.config.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+            self.generator = torch.Generator(device=self.cache.kv.device).manual_seed(self.config.seed)
         self.scheduler = make_scheduler(self.config.scheduler, self.cache, self.config.max_batch_tokens,
                                         self.config.max_num_seqs)
-        self.runner = ModelRunner(model, self.cache, self.backend, self.generator,
+        self.runner = ModelRunner(model, self.cache, self.attention, self.generator,
                                   use_cuda_graph=self.config.use_cuda_graph, max_num_seqs=self.config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._stats = EngineMetrics()
         self._ids = itertools.count()
         self._saved_attn: Optional[str] = None
-        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._vocab_size = getattr(mc, "vocab_size", None)
         self._max_positions = getattr(mc, "max_position_embeddings", None)
         self.num_steps = 0
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified after every state change
-        self._loop: Optional[threading.Thread] = None
-        self._stopping = False
-        self.loop_error: Optional[BaseException] = None
+        self._loop = ServingLoop(self.step, self.scheduler.has_work, self._changed)
+
+    # ---------------------------------------------------------------- serving loop
+    def start(self) -> "Engine":
+        """Run steps in a background thread until ``stop()`` (also a context manager)."""
+        self._loop.start()
+        return self
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the serving loop after its current step; queued requests stay queued."""
+        self._loop.stop(timeout)
+        with self._lock:
+            self._restore()
+
+    @property
+    def loop_error(self) -> Optional[BaseException]:
+        """The exception that ended the serving loop, if one did."""
+        return self._loop.error
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     # ---------------------------------------------------------------- attention switch
     def _activate(self) -> None:
@@ -103,7 +118,7 @@ class Engine(ServingLoop):
             yield
         finally:
             with self._lock:
-                if not self._serving_elsewhere():
+                if not self._loop.runs_elsewhere():
                     self._restore()
 
     # ---------------------------------------------------------------- requests
@@ -129,11 +144,10 @@ class Engine(ServingLoop):
             return self._add(tokens, params, request_id)
 
     def _add(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
-        index = next(self._ids)
-        rid = request_id if request_id is not None else f"req-{index}"
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        req = Request(rid, len(tokens), tokens, params, arrival_index=index, arrival_step=self.num_steps)
+        req = Request(rid, len(tokens), tokens, params, arrival_step=self.num_steps)
         self.requests[rid] = req
         problem = prompt_problem(tokens, params.max_new_tokens, vocab_size=self._vocab_size,
                                  max_positions=self._max_positions, can_ever_fit=self.cache.can_ever_fit)
@@ -150,12 +164,9 @@ class Engine(ServingLoop):
         a finished request is left as it is."""
         with self._lock:
             req = self._request(request_id)
-            if req.is_done:
-                return
-            self.scheduler.finish(req)
-            req.transition(S.FINISHED)
-            req.finish_reason, req.finish_time = "cancelled", time.perf_counter()
-            self._changed.notify_all()
+            if not req.is_done:
+                self.scheduler.cancel(req, time.perf_counter())
+                self._changed.notify_all()
 
     def get_result(self, request_id: str) -> RequestOutput:
         with self._lock:
@@ -180,15 +191,15 @@ class Engine(ServingLoop):
         while True:
             with self._changed:
                 while len(req.tokens) - req.prompt_len <= seen and not req.is_done:
-                    if self._serving_elsewhere():
-                        self._changed.wait(_WAIT_RECHECK_S)
+                    if self._loop.runs_elsewhere():
+                        self._changed.wait(WAIT_RECHECK_S)
                     elif self.scheduler.has_work():
                         self.step()
                     else:
                         break
                 new = req.tokens[req.prompt_len + seen:]
                 seen += len(new)
-                done = req.is_done or not (self.scheduler.has_work() or self._serving_elsewhere())
+                done = req.is_done or not (self.scheduler.has_work() or self._loop.runs_elsewhere())
             yield from new
             if done:
                 return
@@ -207,82 +218,54 @@ class Engine(ServingLoop):
     def _step(self) -> list[tuple[str, int]]:
         start = time.perf_counter()
         self._activate()
+        # 1. schedule
         batch = self.scheduler.schedule()
         self.num_steps += 1
         for req in batch.failed:
             self._stats.record_request(req.to_output())
         if not batch.requests:
-            self._unstick()
+            if not self.scheduler.has_work():
+                self._restore()
             return []
         for req in batch.requests:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
+        # 2. run
         try:
-            made = self._run(batch)
+            sampled = self.runner.run(batch)
         except BaseException as exc:  # noqa: BLE001 - re-raised below unless an ordinary error
             self._fail_requests(batch.requests, f"step failed: {type(exc).__name__}: {exc}")
             if not isinstance(exc, Exception):
                 raise
-            made = []
-        self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start)
+            self._stats.record_step(batch.num_tokens, 0, len(batch.preempted), time.perf_counter() - start,
+                                    self.cache.num_used_blocks())
+            return []
+        # 3. postprocess
+        for req in self.scheduler.postprocess(batch, sampled, time.perf_counter()):
+            self._stats.record_request(req.to_output())
+        made = [(r.request_id, t) for r, t in zip(batch.requests, sampled) if t is not None]
+        self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
+                                self.cache.num_used_blocks())
         if not self.scheduler.has_work():
             self._restore()
-        return made
-
-    def _run(self, batch) -> list[tuple[str, int]]:
-        self.cache.apply_copies(batch.copies)
-        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
-        reqs = [batch.requests[i] for i in order]
-        counts = [batch.num_tokens[i] for i in order]
-        sampled = self.runner.step(reqs, counts)
-        now = time.perf_counter()
-        made = []
-        for i, (req, n) in enumerate(zip(reqs, counts)):
-            req.num_computed += n
-            self.cache.commit(req)
-            if i not in sampled:
-                req.transition(S.SPLIT_PENDING_REMAINDER)
-                continue
-            req.append_token(sampled[i], now)
-            made.append((req.request_id, sampled[i]))
-            req.transition(S.DECODING)
-            reason = req.stop_reason()
-            if reason is not None:
-                req.transition(S.FINISHED)
-                req.finish_reason, req.finish_time = reason, now
-                self.scheduler.finish(req)
-                self._stats.record_request(req.to_output())
         return made
 
     def _fail_requests(self, reqs, reason: str) -> None:
         """Fail every live request of ``reqs`` with ``reason`` and free its blocks."""
         for req in reqs:
-            if req.is_done:
-                continue
-            self.scheduler.finish(req)
-            req.fail(reason)
-            self._stats.record_request(req.to_output())
+            if not req.is_done:
+                self.scheduler.fail(req, reason)
+                self._stats.record_request(req.to_output())
 
-    def _unstick(self) -> None:
-        """Nothing could be scheduled: if nothing runs either, the head request can never
-        get its blocks (the cache is as free as it gets), so it fails with a reason."""
-        if self.scheduler.running or not self.scheduler.waiting:
-            if not self.scheduler.has_work():
-                self._restore()
-            return
-        req = self.scheduler.waiting.popleft()
-        req.fail(f"request cannot be scheduled: needs {self.cache.blocks_needed(req, 1)}+ blocks, "
-                 f"{self.cache.get_num_free_blocks()} of {self.cache.num_blocks} free")
-        self.cache.release(req)
-        self._stats.record_request(req.to_output())
-
-    def generate(self, inputs: Sequence[Sequence[int]], generation_config=None) -> list[RequestOutput]:
+    def generate(self, inputs: Sequence[Sequence[int]], generation_config=None, *,
+                 progress_bar: bool = False) -> list[RequestOutput]:
         """Generate for every prompt (lists of token ids); outputs in input order.
 
         Misuse of the call (``inputs`` not a list of int lists, a bad ``generation_config``)
         raises TypeError/ValueError before anything is queued. Problems of single prompts
         and faults during a step do not raise: they land on that output's ``.error``. An
-        interrupt (KeyboardInterrupt) fails and frees this call's requests, then propagates."""
+        interrupt (KeyboardInterrupt) fails and frees this call's requests, then propagates.
+        ``progress_bar`` shows a tqdm bar of finished requests on stderr."""
         prompts = check_inputs(inputs)
         params = self._params(generation_config)
         with self._lock:
@@ -290,7 +273,7 @@ class Engine(ServingLoop):
         reqs = [self.requests[rid] for rid in ids]
         try:
             with self._attention():
-                self._drive_until_done(reqs)
+                self._drive_until_done(reqs, progress_bar)
         except BaseException as exc:
             with self._lock:
                 self._fail_requests(reqs, f"generate interrupted: {type(exc).__name__}")
@@ -299,11 +282,20 @@ class Engine(ServingLoop):
         # The outputs go to the caller; the engine keeps nothing of a finished generate call.
         return [self.pop_result(rid) for rid in ids]
 
-    def _drive_until_done(self, reqs: list[Request]) -> None:
-        with self._changed:
-            while not all(r.is_done for r in reqs):
-                if self._serving_elsewhere():
-                    self._changed.wait(_WAIT_RECHECK_S)
+    def _drive_until_done(self, reqs: list[Request], progress_bar: bool) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        with self._changed, tqdm(total=len(reqs), desc="requests", unit="req", file=sys.stderr,
+                                 disable=not progress_bar) as bar:
+            while True:
+                done = sum(r.is_done for r in reqs)
+                bar.update(done - bar.n)
+                if done == len(reqs):
+                    return
+                if self._loop.runs_elsewhere():
+                    self._changed.wait(WAIT_RECHECK_S)
                 elif self.scheduler.has_work():
                     self.step()
                 else:  # cannot happen for live requests; never spin

@@ -6,6 +6,7 @@ padded ``[B, max_len]`` batch would have computed that the packed batches did no
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -19,11 +20,17 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else None
 
 
-def _quantile(xs, q):
-    if not xs:
+def percentile(values, q: float):
+    """The q-quantile (q in [0, 1]) of ``values``, interpolating linearly between the two
+    nearest ranks (numpy's default): the one definition every table and JSON file uses.
+    None for no values."""
+    if not values:
         return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 @dataclass(slots=True)
@@ -36,14 +43,17 @@ class EngineMetrics:
     failed: int = 0
     finished: int = 0
     busy_s: float = 0.0  # wall time inside step()
+    peak_used_blocks: int = 0  # most cache blocks in use after any step
     # Latency samples of the most recent requests only: a long-running server must not keep
     # every sample it ever saw. The mean and percentiles are over this window.
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     itl_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     e2e_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
-    def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float) -> None:
+    def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float,
+                    used_blocks: int = 0) -> None:
         self.steps += 1
+        self.peak_used_blocks = max(self.peak_used_blocks, used_blocks)
         self.batch_tokens += sum(num_tokens)
         self.padded_tokens += len(num_tokens) * max(num_tokens, default=0)
         self.generated_tokens += generated
@@ -72,13 +82,14 @@ class EngineMetrics:
             "generated_tokens": self.generated_tokens,
             "generated_tokens_per_s": self.generated_tokens / self.busy_s if self.busy_s else 0.0,
             "ttft_mean_s": _mean(self.ttft_s),
-            "ttft_p50_s": _quantile(self.ttft_s, 0.5),
-            "ttft_p90_s": _quantile(self.ttft_s, 0.9),
+            "ttft_p50_s": percentile(self.ttft_s, 0.5),
+            "ttft_p90_s": percentile(self.ttft_s, 0.9),
             "itl_mean_s": _mean(self.itl_s),
-            "itl_p50_s": _quantile(self.itl_s, 0.5),
-            "itl_p90_s": _quantile(self.itl_s, 0.9),
+            "itl_p50_s": percentile(self.itl_s, 0.5),
+            "itl_p90_s": percentile(self.itl_s, 0.9),
             "e2e_mean_s": _mean(self.e2e_s),
             "cache_occupancy": cache.occupancy(),
+            "cache_peak_occupancy": self.peak_used_blocks / cache.num_blocks,
             "cache_free_blocks": cache.get_num_free_blocks(),
             "cache_num_blocks": cache.num_blocks,
             "prefix_hit_rate": cache.prefix_hit_rate(),

@@ -61,17 +61,18 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Request:
     """One generation. ``tokens`` is prompt + generated; the first ``num_computed`` of them
     have K/V in the cache, so the next step feeds ``tokens[num_computed:]`` (one token while
-    decoding). Preemption drops the cache and recomputes prompt + generated later."""
+    decoding). Preemption drops the cache and recomputes prompt + generated later.
+    Requests compare by identity (``eq=False``): queues test membership without comparing
+    token lists, and a request can key a dict."""
 
     request_id: str
     prompt_len: int
     tokens: list[int]
     params: SamplingParams
-    arrival_index: int = 0
     status: RequestStatus = S.PENDING
     num_computed: int = 0
     error: Optional[str] = None
@@ -100,10 +101,6 @@ class Request:
     @property
     def is_done(self) -> bool:
         return self.status in _TERMINAL
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.status in (S.PENDING, S.SPLIT_PENDING_REMAINDER, S.PREFILLING, S.PREFILLING_SPLIT)
 
     def transition(self, new: RequestStatus) -> None:
         if new not in ALLOWED_TRANSITIONS[self.status]:

@@ -17,6 +17,7 @@ from .inputs import check_count
 from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
 from .requests import Request, RequestStatus as S
+from .scheduler_names import SCHEDULER_NAMES
 
 
 @dataclass(slots=True)
@@ -66,6 +67,17 @@ class Scheduler:
             self.waiting.remove(req)
         self.cache.release(req)
 
+    def fail(self, req: Request, reason: str) -> None:
+        """End a live request with an error (its blocks are freed)."""
+        self.finish(req)
+        req.fail(reason)
+
+    def cancel(self, req: Request, now: float) -> None:
+        """End a live request at the caller's wish (its blocks are freed)."""
+        self.finish(req)
+        req.transition(S.FINISHED)
+        req.finish_reason, req.finish_time = "cancelled", now
+
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.cache.release(req)
@@ -80,7 +92,41 @@ class Scheduler:
         self._budget = self.max_batch_tokens
         for phase in self.phases():
             phase(batch)
+        if not batch.requests:
+            self._fail_stuck_head(batch)
         return batch
+
+    def _fail_stuck_head(self, batch: ScheduledBatch) -> None:
+        """Nothing could be scheduled: if nothing runs either, the cache is as free as it gets,
+        so the head request can never get its blocks. It fails with a reason."""
+        if self.running or not self.waiting:
+            return
+        req = self.waiting.popleft()
+        req.fail(f"request cannot be scheduled: needs {self.cache.blocks_needed(req, 1)}+ blocks, "
+                 f"{self.cache.get_num_free_blocks()} of {self.cache.num_blocks} free")
+        self.cache.release(req)
+        batch.failed.append(req)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list, now: float) -> list[Request]:
+        """After the step ran: every scheduled request gains its computed tokens and, where
+        ``sampled`` (one entry per request) holds a token, that token; states move on, and
+        requests that hit a stop condition finish and free their blocks. Returns those."""
+        finished = []
+        for req, n, token in zip(batch.requests, batch.num_tokens, sampled):
+            req.num_computed += n
+            self.cache.commit(req)
+            if token is None:  # a prefill chunk short of the prompt's end
+                req.transition(S.SPLIT_PENDING_REMAINDER)
+                continue
+            req.append_token(token, now)
+            req.transition(S.DECODING)
+            reason = req.stop_reason()
+            if reason is not None:
+                req.transition(S.FINISHED)
+                req.finish_reason, req.finish_time = reason, now
+                self.finish(req)
+                finished.append(req)
+        return finished
 
     def phases(self):
         raise NotImplementedError
@@ -170,9 +216,11 @@ class PrefillFirstScheduler(Scheduler):
         return (self._continuing_prefills, self._admit, self._decodes)
 
 
+# Every scheduler by the name BatchConfig.scheduler and the command line take.
+SCHEDULERS: dict[str, type[Scheduler]] = dict(zip(SCHEDULER_NAMES, (FIFOScheduler, PrefillFirstScheduler), strict=True))
+
+
 def make_scheduler(name: str, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int) -> Scheduler:
-    classes = {"fifo": FIFOScheduler, "prefill_first": PrefillFirstScheduler}
-    if not isinstance(name, str) or name not in classes:
-        raise ValueError(f"scheduler must be one of {tuple(classes)}, got {name!r}")
-    cls = classes[name]
-    return cls(cache, max_batch_tokens, max_num_seqs)
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {name!r}")
+    return SCHEDULERS[name](cache, max_batch_tokens, max_num_seqs)

@@ -9,6 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window) -> torch.Tensor:
+    """The attention mask rule, the one place the PyTorch side writes it: key position
+    ``k_pos`` is visible to query position ``q_pos`` when ``k_pos <= q_pos`` (causal, with the
+    query rows of a chunk aligned to the end of its keys) and, with a window ``W``, when
+    ``k_pos > q_pos - W`` (the last W positions, the query's own included). Broadcasts."""
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    return mask
+
+
 def slots_for(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """Physical slot of every (sequence, position) pair, packed in sequence order: [sum(seq_lens)]."""
     lens = seq_lens.to(torch.int64)
@@ -73,11 +84,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, o
         queries = q[start:end].transpose(0, 1)  # [Hq, Lq, D]
         mask = None
         if n_rows > 1 or sliding_window is not None:
-            q_pos = torch.arange(kv_len - n_rows, kv_len, device=q.device)[:, None]
-            k_pos = torch.arange(kv_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
+            mask = chunk_mask(n_rows, kv_len, sliding_window, q.device)
         if not explicit:
             res = F.scaled_dot_product_attention(
                 queries.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
@@ -103,51 +110,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, o
             lse[start:end] = row_lse.transpose(0, 1)
 
 
-def _causal_mask(n_rows: int, kv_len: int, sliding_window, device) -> torch.Tensor:
-    """[Lq, L] bool, True = attend; query rows are the last n_rows positions."""
+def chunk_mask(n_rows: int, kv_len: int, sliding_window, device) -> torch.Tensor:
+    """[Lq, L] bool, True = attend; the query rows are the last n_rows of kv_len positions."""
     q_pos = torch.arange(kv_len - n_rows, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    return mask
-
-
-def engine_attention(query, key, value, k_cache, v_cache, meta, group, *, scale) -> torch.Tensor:
-    """One attention layer of an engine step on the PyTorch path, in the model's layout.
-
-    query [1, Hq, T, D], key / value [1, Hkv, T, D] (rows packed as in ``meta``); the new
-    keys and values are already in the cache. Returns [1, T, Hq, D]. All decode rows run
-    as one SDPA call over a gathered, masked history ([Bd, Hkv, Lmax, D]); each prefill
-    chunk runs one SDPA, straight on the new rows when it has no cached prefix. Index
-    tensors come precomputed per step in ``group`` (``cbkernels.model_runner``).
-    """
-    num_q_heads, num_tokens = query.shape[1], query.shape[2]
-    gqa = num_q_heads != key.shape[1]
-    window = group.sliding_window
-    out = query.new_empty(1, num_tokens, num_q_heads, query.shape[3])
-    row_shape = k_cache.shape[2:]
-    k_flat, v_flat = k_cache.view(-1, *row_shape), v_cache.view(-1, *row_shape)
-    nd = meta.num_decodes
-    if nd:
-        keys = k_flat[group.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-        values = v_flat[group.decode_slots].transpose(1, 2)
-        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, Hq, 1, D]
-        res = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.decode_mask,
-                                             scale=scale, enable_gqa=gqa)
-        out[0, :nd] = res[:, :, 0]
-    for (start, end, kv_len), slots in zip(meta.prefill_spans, group.prefix_slots):
-        n_rows = end - start
-        q = query[:, :, start:end]
-        if slots is None:
-            keys, values = key[:, :, start:end], value[:, :, start:end]
-        else:
-            keys = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            values = v_flat[slots].transpose(0, 1).unsqueeze(0)
-        if slots is None and window is None:
-            res = F.scaled_dot_product_attention(q, keys, values, is_causal=n_rows > 1, scale=scale, enable_gqa=gqa)
-        else:
-            mask = _causal_mask(n_rows, kv_len, window, query.device)
-            res = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[0, start:end] = res[0].transpose(0, 1)
-    return out
+    return visible(q_pos, torch.arange(kv_len, device=device)[None, :], sliding_window)

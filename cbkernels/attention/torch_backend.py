@@ -1,0 +1,105 @@
+"""The PyTorch backend: the engine's path on a CPU without the Triton interpreter.
+
+Few large torch calls per layer: all decode rows attend in one SDPA call over a gathered,
+masked history ``[Bd, Hkv, Lmax, D]``; each prefill chunk runs one SDPA, straight on its
+new rows when it has no cached prefix. The gather indices and masks are built once per step
+(``build``) and shared by every layer. Softcap and sinks take the explicit fp32 path of
+``cbkernels.ops.torch_path.paged_attention``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import torch_path
+from .backend import AttentionBackend
+from .metadata import GroupMetadata, StepMetadata, StepPlan
+
+
+@dataclass(slots=True)
+class TorchGroupMetadata(GroupMetadata):
+    decode_slots: Optional[torch.Tensor] = None  # [Bd, Lmax] int64 slots of each decode row's history
+    decode_mask: Optional[torch.Tensor] = None  # [Bd, 1, 1, Lmax] bool, True = attend; None: all
+    prefix_slots: list = field(default_factory=list)  # per prefill chunk: [L] int64 slots, None: no prefix
+
+
+def _positions_to_slots(table_rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """slots[b, i] of positions[i] through block table row b."""
+    blocks = table_rows.to(torch.int64)[:, positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+    def build_group(self, plan: StepPlan, group: int, tables: torch.Tensor, slots: torch.Tensor,
+                    window: Optional[int]) -> GroupMetadata:
+        dev, bs, nd = self.device, plan.block_size, plan.num_decodes
+        meta = TorchGroupMetadata(slots.to(dev), tables.to(dev), window)
+        if nd:
+            lens = torch.tensor(plan.seq_lens[:nd], dtype=torch.int64)
+            pos = torch.arange(plan.max_seqlen_k if plan.padded else int(lens.max()))
+            meta.decode_slots = _positions_to_slots(tables[:nd], pos, bs).to(dev)
+            seen = torch_path.visible(lens[:, None] - 1, pos[None, :], window)
+            # Static buffers (CUDA-graph buckets) always carry a mask; otherwise skip an all-True one.
+            if plan.padded or not bool(seen.all()):
+                meta.decode_mask = seen[:, None, None, :].to(dev)
+        for b in range(nd, len(plan.seq_lens)):
+            if plan.seq_lens[b] == plan.query_lens[b]:
+                meta.prefix_slots.append(None)  # whole prompt in this step: keys are the new rows
+            else:
+                pos = torch.arange(plan.seq_lens[b])
+                meta.prefix_slots.append(_positions_to_slots(tables[b:b + 1], pos, bs)[0].to(dev))
+        return meta
+
+    def run_layer(self, query, key, value, new_k, new_v, k_cache, v_cache, meta, group, *,
+                  scale, softcap, sinks, window):
+        if meta.padded:  # padding rows of a decode bucket hold slot -1: skipped
+            torch_path.scatter_kv(new_k, new_v, k_cache, v_cache, group.slot_mapping)
+        else:
+            row_shape = k_cache.shape[2:]
+            k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
+            v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
+        if softcap is None and sinks is None:
+            return _packed_attention(query, key, value, k_cache, v_cache, meta, group, scale, window)
+        q = query[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        torch_path.paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                                   out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
+        return out.unsqueeze(0)
+
+
+def _packed_attention(query, key, value, k_cache, v_cache, meta: StepMetadata, group: TorchGroupMetadata,
+                      scale: float, window: Optional[int]) -> torch.Tensor:
+    """query [1, Hq, T, D], key / value [1, Hkv, T, D], new K/V already in the cache -> [1, T, Hq, D]."""
+    num_q_heads, num_tokens = query.shape[1], query.shape[2]
+    gqa = num_q_heads != key.shape[1]
+    out = query.new_empty(1, num_tokens, num_q_heads, query.shape[3])
+    row_shape = k_cache.shape[2:]
+    k_flat, v_flat = k_cache.view(-1, *row_shape), v_cache.view(-1, *row_shape)
+    nd = meta.num_decodes
+    if nd:
+        keys = k_flat[group.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        values = v_flat[group.decode_slots].transpose(1, 2)
+        q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, Hq, 1, D]
+        res = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.decode_mask, scale=scale,
+                                             enable_gqa=gqa)
+        out[0, :nd] = res[:, :, 0]
+    for (start, end, kv_len), slots in zip(meta.prefill_spans, group.prefix_slots):
+        n_rows = end - start
+        q = query[:, :, start:end]
+        if slots is None:
+            keys, values = key[:, :, start:end], value[:, :, start:end]
+        else:
+            keys = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            values = v_flat[slots].transpose(0, 1).unsqueeze(0)
+        if slots is None and window is None:
+            res = F.scaled_dot_product_attention(q, keys, values, is_causal=n_rows > 1, scale=scale, enable_gqa=gqa)
+        else:
+            mask = torch_path.chunk_mask(n_rows, kv_len, window, query.device)
+            res = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[0, start:end] = res[0].transpose(0, 1)
+    return out
