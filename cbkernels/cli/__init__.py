@@ -13,6 +13,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 
 
 from .bench import add_parser as add_bench_parser
+from .cache import add_parser as add_cache_parser
 from .generate import UsageError, add_parser as add_generate_parser
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_generate_parser(sub)
     add_bench_parser(sub)
+    add_cache_parser(sub)
     check = sub.add_parser("selfcheck", help="run each kernel on random data and compare with the reference")
     check.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     check.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

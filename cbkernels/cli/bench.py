@@ -54,6 +54,10 @@ def run_bench(args) -> int:
         raise UsageError(f"--random-llama must be a positive layer count, got {args.random_llama}")
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model: no such file or directory: {args.model}")
+    if args.cache_dir:
+        from ..model_cache import use_cache_dir
+
+        use_cache_dir(args.cache_dir)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +97,8 @@ def add_parser(sub) -> None:
     p.add_argument("part", nargs="?", choices=PARTS + ("all",), default="all")
     p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
     p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", help="where GGUF models are converted once and loaded from "
+                                       "(default: $CBKERNELS_CACHE_DIR, else ~/.cache/cbkernels)")
     p.add_argument("--random-llama", type=int, metavar="LAYERS",
                    help="instead of a real model: random weights with Llama-3-8B layer shapes and this many layers "
                         "(GPU benchmarks; prompts are random token ids)")

@@ -107,6 +107,10 @@ def _stream_one(engine, tok, rid) -> None:
 
 def run_generate(args) -> int:
     check_numbers(args)
+    if args.cache_dir:
+        from ..model_cache import use_cache_dir
+
+        use_cache_dir(args.cache_dir)
     try:
         prompts = collect_prompts(args.prompts, args.file, sys.stdin)
     except PromptError as exc:
@@ -169,6 +173,8 @@ def add_parser(sub) -> None:
     p.add_argument("prompts", nargs="*", help="prompt texts")
     p.add_argument("--file", "-f", help="prompt file (text or JSONL)")
     p.add_argument("--model", help="local transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", help="where GGUF models are converted once and loaded from "
+                                       "(default: $CBKERNELS_CACHE_DIR, else ~/.cache/cbkernels)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (unsafe: runs code from the file)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--max-new-tokens", type=int, default=64)
