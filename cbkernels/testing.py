@@ -13,7 +13,7 @@ import torch
 # Largest element-wise error accepted against a float64 reference, used as both atol and rtol.
 # fp32: accumulation-order noise only. fp16: ~10 ulps at 1.0 (ulp 2**-10 ~ 1e-3).
 # bf16: ~4 ulps at 1.0 (ulp 2**-7 ~ 7.8e-3); also covers the interpreter's bf16 emulation
-# (TRITON_ON_CPU.md: tolerance >= 1.6e-2).
+# (docs/verification.md: tolerance >= 1.6e-2).
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float32: 2e-3,
     torch.float16: 1e-2,
@@ -152,3 +152,22 @@ def token_prompts(lengths, *, vocab: int, seed: int = 1) -> list[list[int]]:
     """Random token-id prompts of the given lengths (ids 1..vocab-1; 0 is the pad id)."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def assert_pool_accounting(cache) -> None:
+    """Every block's reference count equals the number of request tables that own it (every
+    entry of a full-attention table; a sliding ring's held entries), and the free list plus
+    the evictable cached blocks are exactly the unreferenced blocks, each listed once."""
+    pool = cache.pool
+    owners = [0] * pool.num_blocks
+    for alloc in cache.allocators:
+        held = getattr(alloc, "held", None)
+        for rid, table in alloc.tables.items():
+            logical = held[rid] if held is not None else range(len(table))
+            for lg in logical:
+                owners[table[lg]] += 1
+    assert pool.ref_counts == owners, f"ref counts {pool.ref_counts} != owners {owners}"
+    free = list(pool.free_ids) + list(pool.evictable)
+    assert len(free) == len(set(free)), "a block is listed free twice"
+    assert set(free) == {b for b, n in enumerate(owners) if n == 0}
+    assert set(pool.evictable) <= set(pool.block_to_hash) and not set(pool.free_ids) & set(pool.block_to_hash)

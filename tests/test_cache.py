@@ -4,10 +4,11 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cbkernels.allocators import BlockPool, OutOfBlocks, SlidingAttentionCacheAllocator
-from cbkernels.cache import PagedAttentionCache
-from cbkernels.config import BatchConfig
-from cbkernels.requests import Request, SamplingParams
+from cbkernels.engine.allocators import BlockPool, OutOfBlocks, SlidingAttentionCacheAllocator
+from cbkernels.engine.cache import PagedAttentionCache
+from cbkernels.engine.config import BatchConfig
+from cbkernels.engine.requests import Request, SamplingParams
+from cbkernels.testing import assert_pool_accounting
 
 BLOCK = 4
 
@@ -26,12 +27,12 @@ def test_pool_take_release_and_lru_eviction():
     a, b, c = pool.take(), pool.take(), pool.take()
     with pytest.raises(OutOfBlocks):
         pool.take()
-    pool.register(a, 111)
-    pool.register(b, 222)
+    pool.register(a, 111, None, (1, 2))
+    pool.register(b, 222, None, (3, 4))
     pool.release(b)
     pool.release(a)  # both cached and unreferenced; b is the least recently freed
     assert pool.num_free() == 2
-    assert pool.take() == b and pool.lookup(222) is None and pool.lookup(111) == a
+    assert pool.take() == b and pool.lookup(222, None, (3, 4)) is None and pool.lookup(111, None, (1, 2)) == a
     pool.share(a)  # a hit revives the cached block
     assert pool.num_free() == 0
     with pytest.raises(RuntimeError):
@@ -59,6 +60,45 @@ def test_prefix_hit_then_copy_on_write():
     cache.release(first)
     cache.release(second)
     assert cache.get_num_free_blocks() == cache.num_blocks
+
+
+def test_prefix_hit_needs_equal_tokens_not_only_an_equal_hash():
+    """Force every block hash to collide: a lookup must still refuse blocks whose tokens (or
+    prefix) differ, so one prompt can never read another prompt's K/V."""
+    cache = _cache()
+    cache.pool.hash_fn = lambda parent, tokens: 7  # every block collides
+    first = _req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    cache.reserve(first, len(first.tokens))
+    first.num_computed = len(first.tokens)
+    cache.commit(first)
+    assert cache.pool.lookup(7, None, (1, 2, 3, 4)) is not None  # the real content is found
+    other = _req("b", [4, 3, 2, 1, 5, 6, 7, 8, 9])  # same hash, other tokens
+    assert cache.match_prefix(other) == [] and other.num_computed == 0
+    assert cache.allocators[0].block_table("b") == []
+    same = _req("c", [1, 2, 3, 4, 0, 0, 0, 0, 1])  # first block equal, second differs: one block hit
+    cache.match_prefix(same)
+    assert same.num_computed == BLOCK
+    assert cache.allocators[0].block_table("c") == cache.allocators[0].block_table("a")[:1]
+    for req in (first, other, same):
+        cache.release(req)
+    assert_pool_accounting(cache)
+
+
+def test_block_hashes_are_the_same_in_every_process():
+    """Python's hash() is salted per process; block hashes must not be (multi-process serving)."""
+    import subprocess
+    import sys
+
+    code = "from cbkernels.engine.allocators import chain_hash; print(chain_hash(chain_hash(None, [1, 2]), [3, 4]))"
+    env_values = set()
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        env_values.add(out.stdout.strip())
+    from cbkernels.engine.allocators import chain_hash
+
+    assert env_values == {str(chain_hash(chain_hash(None, [1, 2]), [3, 4]))}
+    assert chain_hash(None, [1, 2]) != chain_hash(None, [2, 1]) != chain_hash(chain_hash(None, [0]), [1, 2])
 
 
 def test_sliding_ring_stays_bounded():
@@ -143,19 +183,9 @@ class CacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def accounting(self):
-        pool = self.cache.pool
-        assert min(pool.ref_counts) >= 0
-        used = sum(1 for r in pool.ref_counts if r > 0)
-        assert used + pool.num_free() == pool.num_blocks
-        owners: dict[int, int] = {}
+        assert_pool_accounting(self.cache)
         for rid, req in self.live.items():
-            table = self.cache.allocators[0].block_table(rid)
-            assert len(table) * BLOCK >= req.num_computed
-            for b in table:
-                owners[b] = owners.get(b, 0) + 1
-        for b, count in owners.items():
-            assert pool.ref_counts[b] == count  # a block is owned once per sharer, never more
-        assert len(pool.free_ids) + len(pool.evictable) == len(set(pool.free_ids) | set(pool.evictable))
+            assert len(self.cache.allocators[0].block_table(rid)) * BLOCK >= req.num_computed
 
     def teardown(self):
         for req in self.live.values():

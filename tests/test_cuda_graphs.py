@@ -1,4 +1,4 @@
-"""Padded decode buckets (cbkernels.cuda_graphs): on CPU the padded static-buffer path runs
+"""Padded decode buckets (cbkernels.engine.cuda_graphs): on CPU the padded static-buffer path runs
 eagerly (``capture=False``) and must give the tokens of the normal engine and of
 ``model.generate()``; with CUDA, a real capture + replay must match eager."""
 import contextlib
@@ -11,8 +11,8 @@ import torch
 from transformers import GenerationConfig
 
 from cbkernels import BatchConfig, Engine
-from cbkernels.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
-from cbkernels.model_runner import ModelRunner
+from cbkernels.engine.cuda_graphs import BUCKET_STEP, DecodeGraphs, bucket_sizes, resolve_use_cuda_graph
+from cbkernels.engine.model_runner import ModelRunner
 from cbkernels.ops import use_triton
 from cbkernels.testing import tiny_llama, tiny_sliding_qwen2, token_prompts
 
@@ -87,8 +87,8 @@ def test_use_cuda_graph_resolution(llama):
         BatchConfig(use_cuda_graph=1)
     engine = Engine(llama, BatchConfig(backend="torch"))
     with pytest.raises(ValueError, match="use_cuda_graph"):
-        ModelRunner(llama, engine.cache, "torch", None, use_cuda_graph=True)
-    assert ModelRunner(llama, engine.cache, "torch", None, use_cuda_graph=None).graphs is None
+        ModelRunner(llama, engine.cache, engine.attention, None, use_cuda_graph=True)
+    assert ModelRunner(llama, engine.cache, engine.attention, None, use_cuda_graph=None).graphs is None
     with pytest.raises(ValueError, match="use_cuda_graph"):
         DecodeGraphs(engine.runner, MAX_BATCH, capture=True)
 
@@ -216,7 +216,7 @@ def test_padded_forward_reads_nothing_back_to_the_host(prompts):
         return read
 
     with contextlib.ExitStack() as patches, torch.inference_mode():
-        patches.enter_context(mock.patch("cbkernels._validation.values_checkable", lambda *tensors: False))
+        patches.enter_context(mock.patch("cbkernels.ops.checks.values_checkable", lambda *tensors: False))
         for name in _HOST_READS:
             patches.enter_context(mock.patch.object(torch.Tensor, name, refuse(name)))
         logits = graphs._forward(4)
@@ -230,9 +230,9 @@ def test_cuda_graph_replay_matches_eager(prompts):
     model = _llama("cuda")
     config = dict(backend="triton", block_size=BLOCK_SIZE, num_blocks=64)
     eager = Engine(model, BatchConfig(**config))
-    eager.runner = ModelRunner(model, eager.cache, eager.backend, None, use_cuda_graph=False)
+    eager.runner = ModelRunner(model, eager.cache, eager.attention, None, use_cuda_graph=False)
     graphed = Engine(model, BatchConfig(**config))
-    graphed.runner = ModelRunner(model, graphed.cache, graphed.backend, None, use_cuda_graph=True,
+    graphed.runner = ModelRunner(model, graphed.cache, graphed.attention, None, use_cuda_graph=True,
                                  max_num_seqs=MAX_BATCH)
     assert graphed.runner.graphs is not None and graphed.runner.graphs.capture
     with warnings.catch_warnings():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import cbkernels
 import cbkernels.reference as ref
-from cbkernels import _torch_ops
+from cbkernels.ops import torch_path as _torch_ops
 from cbkernels.testing import assert_bits_equal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cbkernels
-from cbkernels import _torch_ops
+from cbkernels.ops import torch_path as _torch_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

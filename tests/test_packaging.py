@@ -1,4 +1,4 @@
-"""`pip install .` (not only the editable install) ships every package, mapped as DESIGN.md says."""
+"""`pip install .` (not only the editable install) ships every package, with kernels/ and reference/ mapped into the cbkernels namespace."""
 import subprocess
 import sys
 import tomllib

@@ -4,7 +4,7 @@ On a CPU-only machine the kernel runs in Triton's interpreter (conftest sets TRI
 on CUDA the same tests exercise the compiled kernel. Every cache is poisoned (NaN in each slot no
 sequence owns, shuffled fragmented tables, garbage past each row's last used entry), so a
 missing mask shows up as NaN. Shapes stay small: the interpreter costs ~3.5 ms per
-(program x KV tile) and ~8 ms per launch (TRITON_ON_CPU.md).
+(program x KV tile) and ~8 ms per launch (docs/verification.md).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import cbkernels
 import cbkernels.kernels.paged_attention as pa_kernel
-from cbkernels import _torch_ops
+from cbkernels.ops import torch_path as _torch_ops
 from cbkernels.reference.paged_attention import paged_attention as reference
 from cbkernels.testing import TOLERANCES, assert_close, make_paged_batch
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Head dims and block sizes the contract promises (DESIGN.md), each run as a fixed small case.
+# Head dims and block sizes the contract promises (README, Kernel API), each run as a fixed small case.
 HEAD_DIMS = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 # Validation also admits these (any power of two in [1, 1024]); the kernel gathers per key.
@@ -52,12 +52,7 @@ def _args(b):
 def _check(b, *, splits=None, host_bounds=True, monkeypatch=None, **options):
     """Run the kernel (forcing ``splits`` segments when given) and compare out and lse."""
     bounds = dict(max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k) if host_bounds else {}
-    saved = pa_kernel.NUM_SPLITS_OVERRIDE
-    pa_kernel.NUM_SPLITS_OVERRIDE = splits
-    try:
-        out, lse = cbkernels.paged_attention(*_args(b), return_lse=True, **bounds, **options)
-    finally:
-        pa_kernel.NUM_SPLITS_OVERRIDE = saved
+    out, lse = cbkernels.paged_attention(*_args(b), return_lse=True, num_splits=splits, **bounds, **options)
     ref_out, ref_lse = reference(*_args(b), return_lse=True, **options)
     assert out.dtype == b.q.dtype and out.shape == b.q.shape
     assert lse.dtype == torch.float32 and lse.shape == b.q.shape[:2]
@@ -219,11 +214,7 @@ def test_sliding_window_never_reads_tiles_outside_it():
             b.k_cache[block, pos % 16] = float("nan")
             b.v_cache[block, pos % 16] = float("nan")
     for splits in (1, 3):
-        pa_kernel.NUM_SPLITS_OVERRIDE = splits
-        try:
-            out = cbkernels.paged_attention(*_args(b), sliding_window=window)
-        finally:
-            pa_kernel.NUM_SPLITS_OVERRIDE = None
+        out = cbkernels.paged_attention(*_args(b), sliding_window=window, num_splits=splits)
         assert not torch.isnan(out).any()
         # The reference reads every key (NaN * 0 = NaN), so compare on a clean copy.
     clean = _batch([(1, 600), (3, 450)], hq=2, hkv=1)
@@ -240,15 +231,30 @@ def test_out_is_honoured_and_returned():
     assert result.data_ptr() == out.data_ptr() and lse.shape == b.q.shape[:2]
 
 
-def test_module_level_paged_attention_validates_and_matches():
-    """kernels.paged_attention.paged_attention: the same contract without the custom op."""
-    b = _batch(MIXED, dtype=torch.float32)
-    out, lse = pa_kernel.paged_attention(*_args(b), return_lse=True, softcap=3.0)
-    ref_out, ref_lse = reference(*_args(b), return_lse=True, softcap=3.0)
-    assert_close(out, ref_out)
-    assert_close(lse, ref_lse)
-    with pytest.raises(ValueError, match="scale"):
-        pa_kernel.paged_attention(*_args(b), scale=-1.0)
+def test_launcher_uses_the_callers_workspace():
+    """Split partials go to the workspace the caller passes (as the engine's CUDA graphs
+    need); a workspace too small for the launch is refused before anything runs."""
+    b = _batch([(1, 300), (2, 90)], hq=4, hkv=2, dtype=torch.float32)
+    plan = pa_kernel.plan_launch(b.q.device, b.q.dtype, b.q.shape[0], 2, 4, 2, 64, b.max_seqlen_q,
+                                 b.max_seqlen_k, num_splits=3)
+    numel = plan.workspace_numel(b.q.shape[0], 4)
+    assert numel > 0
+    workspace = torch.full((numel + 5,), float("nan"))
+    out = torch.empty_like(b.q)
+    launch = dict(scale=64 ** -0.5, sliding_window=None, softcap=None, sinks=None,
+                  max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k, num_splits=3)
+    pa_kernel.launch_paged_attention(*_args(b), out, None, workspace=workspace, **launch)
+    assert_close(out, reference(*_args(b)))
+    assert not torch.isnan(workspace[:numel]).all() and torch.isnan(workspace[numel:]).all()
+    with pytest.raises(ValueError, match="workspace"):
+        pa_kernel.launch_paged_attention(*_args(b), out, None, workspace=workspace[:numel - 1], **launch)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, pa_kernel.MAX_SPLITS + 1])
+def test_num_splits_must_be_a_valid_count(bad):
+    b = _batch(MIXED)
+    with pytest.raises(ValueError, match="num_splits"):
+        cbkernels.paged_attention(*_args(b), num_splits=bad)
 
 
 @pytest.mark.parametrize("seq_dtype, cu_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int64),
@@ -395,7 +401,7 @@ def test_tolerance_table_is_the_shared_one():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_device_to_host_sync_when_bounds_are_given():
-    """DESIGN: with max_seqlen_q / max_seqlen_k given, validation and launch never sync."""
+    """Contract: with max_seqlen_q / max_seqlen_k given, validation and launch never sync."""
     b = _batch(MIXED, dtype=torch.float16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -1,7 +1,7 @@
 """The request state machine: legal paths pass, everything else raises."""
 import pytest
 
-from cbkernels.requests import ALLOWED_TRANSITIONS, IllegalTransition, Request, RequestStatus as S, SamplingParams
+from cbkernels.engine.requests import IllegalTransition, Request, RequestStatus as S, SamplingParams
 
 
 def _req():
@@ -22,19 +22,33 @@ def test_legal_paths(path):
     assert req.is_done
 
 
-def test_every_illegal_transition_raises():
-    for src in S:
-        for dst in S:
-            if dst in ALLOWED_TRANSITIONS[src]:
-                continue
-            req = _req()
-            req.status = src
-            with pytest.raises(IllegalTransition):
-                req.transition(dst)
+# The state machine as specified, written out edge by edge independently of the code's table:
+# prefill (whole or split) -> decode -> finished; preemption back to PENDING from every state
+# that holds blocks; FINISHED (cancellation, a stop at the first token) and FAILED from every
+# live state; DECODING -> DECODING for each further token; nothing leaves a terminal state.
+LIVE = (S.PENDING, S.PREFILLING, S.PREFILLING_SPLIT, S.SPLIT_PENDING_REMAINDER, S.DECODING)
+SPEC = {
+    (S.PENDING, S.PREFILLING), (S.PENDING, S.PREFILLING_SPLIT),
+    (S.PREFILLING, S.DECODING), (S.PREFILLING_SPLIT, S.DECODING),
+    (S.PREFILLING_SPLIT, S.SPLIT_PENDING_REMAINDER), (S.SPLIT_PENDING_REMAINDER, S.PREFILLING_SPLIT),
+    (S.DECODING, S.DECODING),
+    *((src, S.PENDING) for src in LIVE if src is not S.PENDING),
+    *((src, end) for src in LIVE for end in (S.FINISHED, S.FAILED)),
+}
 
 
-def test_terminal_states_are_final():
-    assert not ALLOWED_TRANSITIONS[S.FINISHED] and not ALLOWED_TRANSITIONS[S.FAILED]
+@pytest.mark.parametrize("src", list(S))
+@pytest.mark.parametrize("dst", list(S))
+def test_transitions_match_the_specification(src, dst):
+    req = _req()
+    req.status = src
+    if (src, dst) in SPEC:
+        req.transition(dst)
+        assert req.status is dst
+    else:
+        with pytest.raises(IllegalTransition):
+            req.transition(dst)
+        assert req.status is src
 
 
 def test_stop_reasons_and_output():

@@ -2,11 +2,12 @@
 hypothesis can explore budgets, preemption and prefix hits quickly."""
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cbkernels.cache import PagedAttentionCache
-from cbkernels.requests import Request, RequestStatus as S, SamplingParams
-from cbkernels.scheduler import FIFOScheduler, PrefillFirstScheduler
+from cbkernels.engine.cache import PagedAttentionCache
+from cbkernels.engine.requests import Request, RequestStatus as S, SamplingParams
+from cbkernels.engine.scheduler import FIFOScheduler, PrefillFirstScheduler
+from cbkernels.testing import assert_pool_accounting
 
 BLOCK = 4
 FAKE_TOKEN = 3
@@ -22,7 +23,7 @@ class Driver:
         self.n = 0
 
     def add(self, prompt, max_new):
-        req = Request(f"r{self.n}", len(prompt), list(prompt), SamplingParams(max_new_tokens=max_new), self.n)
+        req = Request(f"r{self.n}", len(prompt), list(prompt), SamplingParams(max_new_tokens=max_new))
         self.n += 1
         self.sched.add(req)
         return req
@@ -35,22 +36,20 @@ class Driver:
             assert req.status is S.PENDING and req.num_computed == 0
         self.done.extend(batch.failed)
         self.cache.apply_copies(batch.copies)
+        sampled = []
         for req, n in zip(batch.requests, batch.num_tokens):
             start = self.next_pos.setdefault(req.request_id, req.num_computed)  # prefix hit on admission
             assert req.num_computed == start and n >= 1  # chunks tile each prompt exactly once
             self.next_pos[req.request_id] = start + n
-            req.num_computed += n
-            self.cache.commit(req)
-            if req.num_computed < len(req.tokens):
-                req.transition(S.SPLIT_PENDING_REMAINDER)
-                continue
-            req.append_token(FAKE_TOKEN, 0.0)
-            req.transition(S.DECODING)
-            if req.stop_reason():
-                req.transition(S.FINISHED)
-                self.sched.finish(req)
-                self.next_pos.pop(req.request_id)
-                self.done.append(req)
+            sampled.append(FAKE_TOKEN if start + n == len(req.tokens) else None)
+        finished = self.sched.postprocess(batch, sampled, 0.0)
+        for req in finished:
+            assert req.status is S.FINISHED and req.stop_reason() is not None
+            self.next_pos.pop(req.request_id)
+        for req, token in zip(batch.requests, sampled):
+            expected = S.SPLIT_PENDING_REMAINDER if token is None else (S.FINISHED if req in finished else S.DECODING)
+            assert req.status is expected
+        self.done.extend(finished)
         return batch
 
     def run(self, max_steps=10_000):
@@ -103,29 +102,25 @@ class SchedulerMachine(RuleBasedStateMachine):
         super().__init__()
         self.d = None
 
-    @rule(cls=st.sampled_from([FIFOScheduler, PrefillFirstScheduler]), blocks=st.integers(3, 16),
-          budget=st.integers(1, 12), prefix=st.booleans())
+    @initialize(cls=st.sampled_from([FIFOScheduler, PrefillFirstScheduler]), blocks=st.integers(3, 16),
+                budget=st.integers(1, 12), prefix=st.booleans())
     def configure(self, cls, blocks, budget, prefix):
-        if self.d is None:
-            self.d = Driver(cls, blocks, budget, prefix)
+        self.d = Driver(cls, blocks, budget, prefix)
 
     @rule(shared=st.booleans(), n=st.integers(1, 14), max_new=st.integers(1, 6))
     def add(self, shared, n, max_new):
-        if self.d is not None:
-            self.d.add(([1, 2, 3, 4, 5] if shared else []) + [9] * n, max_new)
+        self.d.add(([1, 2, 3, 4, 5] if shared else []) + [9] * n, max_new)
 
     @rule()
     def step(self):
-        if self.d is not None and self.d.sched.has_work():
+        if self.d.sched.has_work():
             self.d.step()
 
     @invariant()
     def accounting(self):
-        if self.d is None:
+        if self.d is None:  # invariants also run before the initialize rule
             return
-        pool = self.d.cache.pool
-        assert min(pool.ref_counts) >= 0
-        assert sum(1 for r in pool.ref_counts if r > 0) + pool.num_free() == pool.num_blocks
+        assert_pool_accounting(self.d.cache)
         for req in self.d.sched.running:
             assert len(self.d.cache.allocators[0].block_table(req.request_id)) * BLOCK >= req.num_computed
         for req in self.d.sched.waiting:

@@ -14,7 +14,9 @@ import torch
 # The repository's bench/results when run from a checkout; otherwise ./bench-results.
 _REPO_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 RESULTS_DIR = _REPO_RESULTS if _REPO_RESULTS.parent.is_dir() else Path("bench-results")
-# Measured device-to-device copy ceiling of the validation H100 (bytes read + written), GPU.md.
+# Device-to-device copy ceiling of an H100 SXM (bytes read + written), a figure read on such a
+# card outside this project, NOT yet measured by it: the "% of ceiling" columns are relative
+# to it until bench/gpu_check.sh records a measured copy rate on the card it runs on.
 H100_COPY_CEILING_GBPS = 3000.0
 
 

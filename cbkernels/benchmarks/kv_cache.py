@@ -1,9 +1,10 @@
 """KV-cache scatter / gather bandwidth against what transformers does every step.
 
 transformers' continuous batching writes new K/V with ``index_copy_`` and reads each request's
-whole history back with ``index_select`` (TRANSFORMERS_CB.md). This compares
+whole history back with ``index_select``. This compares
 ``cbkernels.scatter_kv`` / ``gather_kv`` with those two calls on the same data, in GB/s
-(bytes read + written) and, on CUDA, as a share of the H100's 3.0 TB/s copy ceiling (GPU.md).
+(bytes read + written) and, on CUDA, as a share of an H100's 3.0 TB/s copy ceiling (a
+reference figure, not yet measured by this project: see ``common.H100_COPY_CEILING_GBPS``).
 
 On CPU there is no Triton launch to time (the interpreter measures nothing useful), so it
 says so and compares the fast PyTorch path with the raw torch calls: the ratio is the cost of

@@ -1,6 +1,6 @@
 """cbkernels against its peers on the same prompts, in one run: transformers' own continuous
-batching (``generate_batch`` with sdpa and paged|eager, in the small-cache configuration of
-TRANSFORMERS_CB.md and in its default one) and sequential ``generate()``.
+batching (``generate_batch`` with sdpa and paged|eager, in a small-cache configuration
+(32 pages of 256 tokens, a 1024-token step) and in its default one) and sequential ``generate()``.
 
 Absolute CPU times are noisy; the ratios within one run are the result. Every run's tokens
 are compared with sequential greedy ``generate()`` (the ``identical`` column).
@@ -14,8 +14,8 @@ import torch
 
 from .common import print_table, pyplot, result_path, write_csv
 
-# transformers' continuous batching sized as TRANSFORMERS_CB.md measured it on this CPU
-# (its blocks hold 256 tokens), and cbkernels given the same token capacity and step budget.
+# transformers' continuous batching with a cache small enough for a laptop CPU (its pages hold
+# 256 tokens), and cbkernels given the same token capacity and step budget.
 SMALL_CACHE = dict(num_blocks=32, max_batch_tokens=1024)
 TF_PAGE_SIZE = 256
 OUR_BLOCK_SIZE = 16
