@@ -4,7 +4,7 @@ from transformers import AttentionInterface, GenerationConfig, LlamaConfig, Llam
 
 import cbkernels
 from cbkernels import BatchConfig, Engine
-from cbkernels.integration import cbkernels_attention
+from cbkernels.attention.integration import cbkernels_attention
 
 
 def _model(attn):
@@ -54,7 +54,7 @@ def test_import_is_cheap_and_registers_when_transformers_loads():
     import subprocess
     import sys
 
-    code = ("import sys, cbkernels; assert 'transformers.modeling_utils' not in sys.modules; "
+    code = ("import sys, cbkernels, cbkernels.attention.integration; assert 'transformers.modeling_utils' not in sys.modules; "
             "from transformers import AttentionInterface; "
-            "assert AttentionInterface._global_mapping['cbkernels'] is cbkernels.integration.cbkernels_attention")
+            "assert AttentionInterface._global_mapping['cbkernels'] is cbkernels.attention.integration.cbkernels_attention")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
