@@ -83,7 +83,7 @@ def test_use_cuda_graph_resolution(llama):
     for device, backend in ((cpu, "torch"), (cpu, "triton"), (cuda, "torch")):
         with pytest.raises(ValueError, match="use_cuda_graph"):
             resolve_use_cuda_graph(True, device, backend)
-    with pytest.raises(ValueError, match="use_cuda_graph"):
+    with pytest.raises(TypeError, match="use_cuda_graph"):
         BatchConfig(use_cuda_graph=1)
     engine = Engine(llama, BatchConfig(backend="torch"))
     with pytest.raises(ValueError, match="use_cuda_graph"):

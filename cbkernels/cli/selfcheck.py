@@ -14,6 +14,20 @@ def backend_name(device: str) -> str:
     return "Triton (interpreted)" if probe.device.type == "cpu" else "Triton (compiled)"
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _max_bit_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """0.0 when the tensors are equal bit for bit (NaN poison included), else the largest
+    absolute difference (inf where only one side is NaN)."""
+    as_int = _SAME_WIDTH_INT[got.element_size()]
+    if torch.equal(got.view(as_int), expected.view(as_int)):
+        return 0.0
+    both_nan = torch.isnan(got) & torch.isnan(expected)
+    diff = (got.double() - expected.double()).abs().masked_fill(both_nan, 0.0)
+    return diff.nan_to_num(nan=float("inf")).max().item()
+
+
 def run_selfcheck(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> list[tuple[str, float, bool]]:
     """Returns (check, max abs error, passed) rows."""
     import cbkernels.reference as ref
@@ -39,6 +53,14 @@ def run_selfcheck(device: str = "cpu", dtype: torch.dtype = torch.float32, seed:
     back_k, back_v, _ = ref.gather_kv(k_cache, v_cache, batch.block_tables, batch.seq_lens)
     err = max((back_k.float() - new_k.float()).abs().max().item(), (back_v.float() - new_v.float()).abs().max().item())
     rows.append(("scatter_kv", err, err == 0.0))
+
+    # copy_blocks: two blocks copied onto two others (an unused block and a used one).
+    mapping = torch.tensor([[0, k_cache.shape[0] - 1], [1, 2]], dtype=torch.int64, device=device)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    ref.copy_blocks(expected_k, expected_v, mapping)
+    ops.copy_blocks(k_cache, v_cache, mapping)
+    err = max(_max_bit_error(k_cache, expected_k), _max_bit_error(v_cache, expected_v))
+    rows.append(("copy_blocks", err, err == 0.0))
 
     args = (batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.cu_seqlens_q)
     for label, options in (("paged_attention", {}),

@@ -14,7 +14,8 @@ BACKENDS = ("auto", *_BACKEND_CLASSES)
 
 @dataclass(slots=True)
 class BatchConfig:
-    """Configuration of :class:`cbkernels.Engine`.
+    """Configuration of :class:`cbkernels.Engine`. A field of the wrong type raises
+    ``TypeError``, a value of the right type out of range ``ValueError``; both name the field.
 
     * ``num_blocks``: physical KV blocks per layer; ``None`` sizes the cache from a memory
       budget (``memory_fraction`` of free memory, capped at ``max_cache_bytes``).
@@ -57,6 +58,13 @@ class BatchConfig:
                 raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
         if isinstance(self.memory_fraction, bool) or not isinstance(self.memory_fraction, (int, float)):
             raise TypeError(f"memory_fraction must be a number, got {type(self.memory_fraction).__name__}")
+        for name in ("scheduler", "backend"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.prefix_caching, bool):
+            raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
+        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
+            raise TypeError(f"use_cuda_graph must be True, False or None, got {self.use_cuda_graph!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 or None, got {self.num_blocks}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -69,7 +77,5 @@ class BatchConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
-            raise ValueError(f"use_cuda_graph must be True, False or None, got {self.use_cuda_graph!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
