@@ -1,0 +1,83 @@
+"""Start-up of ``cbkernels generate``: wall time of a fresh process from launch to exit.
+
+* ``help``: ``cbkernels --help`` (the import cost of the command line alone);
+* ``cold``: an empty model cache, so the run includes the one-time GGUF conversion;
+* ``warm``: later runs, loading the converted safetensors copy.
+
+Each run is its own subprocess with the cache directory in a temporary directory (removed
+afterwards), answering "What is the capital of France?" with 8 new tokens. The goal is a warm
+run within 12 s on a 2-core CPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..model_cache import CACHE_ENV, ENTRIES
+from .common import print_table, result_path, write_csv
+
+PROMPT = "What is the capital of France?"
+MAX_NEW_TOKENS = 8
+GOAL_S = 12.0
+
+
+def _timed(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cbkernels", *args], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    return time.perf_counter() - start, proc
+
+
+def _cache_mb(cache: Path) -> float:
+    root = cache / ENTRIES
+    files = [f for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+    return round(sum(f.stat().st_size for f in files) / 1e6, 1)
+
+
+def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list[dict]:
+    """Time ``--help``, one cold and ``warm_runs`` warm generate runs; write the CSV."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cbkernels-startup-") as cache:
+        env = dict(os.environ, **{CACHE_ENV: cache})
+        env.pop("TRITON_INTERPRET", None)  # as a user runs it
+        generate = ["generate", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS), "--quiet"]
+        plan = [("help", ["--help"])] + [("cold", generate)] + [("warm", generate)] * warm_runs
+        for i, (name, args) in enumerate(plan, start=1):
+            if progress:
+                print(f"[{i}/{len(plan)}] {name}: cbkernels {' '.join(args)}", file=sys.stderr, flush=True)
+            seconds, proc = _timed(args, env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cbkernels {name} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            answer = proc.stdout.strip().splitlines()[0] if name != "help" and proc.stdout.strip() else ""
+            rows.append({"run": name, "wall_s": round(seconds, 2), "cache_mb": _cache_mb(Path(cache)),
+                         "answer": answer[:60], "goal_s": GOAL_S if name == "warm" else "",
+                         "cpus": os.cpu_count(), "prompt": PROMPT if name != "help" else "",
+                         "max_new_tokens": MAX_NEW_TOKENS if name != "help" else ""})
+    print_table(rows, ["run", "wall_s", "cache_mb", "goal_s", "answer"])
+    warm = [r["wall_s"] for r in rows if r["run"] == "warm"]
+    if warm:
+        median = statistics.median(warm)
+        print(f"warm median {median:.1f} s ({'within' if median <= GOAL_S else 'OVER'} the {GOAL_S:.0f} s goal), "
+              f"cold {rows[1]['wall_s']:.1f} s")
+    path = result_path("startup", "csv", out_dir)
+    write_csv(path, rows)
+    print(f"wrote {path}")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warm-runs", type=int, default=3)
+    parser.add_argument("--out", help="directory for the CSV (default bench/results)")
+    args = parser.parse_args(argv)
+    run_startup(Path(args.out) if args.out else None, args.warm_runs)
+
+
+if __name__ == "__main__":
+    main()
