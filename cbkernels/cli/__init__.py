@@ -15,6 +15,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 from .bench import add_parser as add_bench_parser
 from .cache import add_parser as add_cache_parser
 from .generate import UsageError, add_parser as add_generate_parser
+from .serve import add_parser as add_serve_parser
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_bench_parser(sub)
     add_cache_parser(sub)
+    add_serve_parser(sub)
     check = sub.add_parser("selfcheck", help="run each kernel on random data and compare with the reference")
     check.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     check.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
