@@ -54,18 +54,30 @@ def time_ms(fn, *, warmup: int = 3, reps: int = 20) -> float:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    meta = {"device": device_name(), "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="seconds")}
+    """Rows as CSV (columns: every key in order of first appearance) plus the device, the
+    versions and the time of the run on every row."""
+    from cbkernels import __version__
+
+    meta = {"device": device_name(), "torch": torch.__version__, "cbkernels": __version__,
+            "date": dt.datetime.now().isoformat(timespec="seconds")}
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+        writer = csv.DictWriter(f, fieldnames=keys + list(meta))
         writer.writeheader()
         for row in rows:
             writer.writerow(row | meta)
 
 
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[str(r[c]) for c in columns] for r in rows]
+    """A right-aligned text table of ``columns`` (floats to 3 significant digits)."""
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 

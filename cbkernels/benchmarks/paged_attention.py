@@ -17,12 +17,7 @@ Usage: python bench/bench_paged_attention.py [--quick]
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import math
-import os
-import platform
-import re
 import sys
 import time
 
@@ -33,12 +28,7 @@ from cbkernels.ops import torch_path as _torch_ops
 from cbkernels.reference.paged_attention import paged_attention as reference
 from cbkernels.testing import TOLERANCES
 
-from .common import RESULTS_DIR as _DEFAULT_RESULTS
-
-RESULTS_DIR = str(_DEFAULT_RESULTS)
-# H100 SXM HBM3 bandwidth (NVIDIA datasheet: 3.35 TB/s peak; 3.0 TB/s is the practical ceiling
-# the issue sets as the reference for "% of ceiling").
-HBM_CEILING_GBPS = 3000.0
+from .common import H100_COPY_CEILING_GBPS as HBM_CEILING_GBPS, device_name, print_table, pyplot, result_path, write_csv
 # Inputs are rotated until their bytes exceed this, so timings never come from a warm L2
 # (H100 L2 is 50 MB).
 L2_BYTES = 50 * 1024**2
@@ -51,45 +41,6 @@ DECODE_SWEEP = dict(batch=(1, 8, 64, 256), context=(512, 4096, 32768), heads=((3
 DECODE_QUICK = dict(batch=(8, 64), context=(4096,), heads=((32, 8),), head_dim=(128,), block=(16,))
 PREFILL_SWEEP = dict(seqs=((1, 4096), (4, 2048), (16, 512)), heads=((32, 8), (32, 32)), head_dim=(64, 128))
 PREFILL_QUICK = dict(seqs=((4, 2048),), heads=((32, 8),), head_dim=(128,))
-
-
-def _gpu_tag() -> str:
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"cpu-{platform.machine()}-x{os.cpu_count()}"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-
-
-def _out_path(ext: str) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    return os.path.join(RESULTS_DIR, f"paged_attention-{_gpu_tag()}-{datetime.date.today():%Y-%m-%d}.{ext}")
-
-
-def _write_csv(rows: list[dict]) -> str:
-    path = _out_path("csv")
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    meta = dict(gpu=_gpu_tag(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, cbkernels=getattr(cbkernels, "__version__", "0.1.0"))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys + list(meta))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r | meta)
-    return path
-
-
-def _print_table(rows: list[dict], columns: list[str]) -> None:
-    cells = [[c for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------- paged inputs on GPU
@@ -290,13 +241,9 @@ def bench_prefill(sweep) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def _plot(rows: list[dict], out_dir) -> str | None:
+    plt = pyplot()
+    if plt is None:
         return None
     decode = [r for r in rows if r["kind"] == "decode"]
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -309,9 +256,9 @@ def _plot(rows: list[dict]) -> str | None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (decodes)")
     ax.set_ylabel(f"% of {HBM_CEILING_GBPS / 1000:.1f} TB/s")
-    ax.set_title(f"paged attention decode, bf16, Hq/Hkv 32/8, D 128, block 16 ({_gpu_tag()})")
+    ax.set_title(f"paged attention decode, bf16, Hq/Hkv 32/8, D 128, block 16 ({device_name()})")
     ax.legend()
-    path = _out_path("png")
+    path = str(result_path("paged_attention", "png", out_dir))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -349,27 +296,29 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
     parser.add_argument("--out", help="result directory (default bench/results)")
     args = parser.parse_args(argv)
-    if args.out:
-        global RESULTS_DIR
-        RESULTS_DIR = str(args.out)
+    out_dir = args.out  # None: bench/results
     if not torch.cuda.is_available():
         print("No CUDA device: the Triton kernel cannot be timed here (the interpreter measures Python, "
               "not the kernel). Checking and timing the CPU torch fallback against the fp64 reference instead.")
         rows = bench_cpu()
-        _print_table(rows, ["kind", "dtype", "batch", "fallback_ms", "reference_ms", "max_abs_err", "match"])
-        print(f"\nwrote {_write_csv(rows)}")
+        print_table(rows, ["kind", "dtype", "batch", "fallback_ms", "reference_ms", "max_abs_err", "match"])
+        csv_path = result_path("paged_attention", "csv", out_dir)
+        write_csv(csv_path, rows)
+        print(f"\nwrote {csv_path}")
         return 0
     torch.manual_seed(0)
     decode = bench_decode(DECODE_QUICK if args.quick else DECODE_SWEEP)
-    _print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
+    print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
                           "paging_cost_pct", "vs_sdpa_pct"])
     prefill = bench_prefill(PREFILL_QUICK if args.quick else PREFILL_SWEEP)
     print()
-    _print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
+    print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
                            "vs_flex"])
     rows = decode + prefill
-    print(f"\nwrote {_write_csv(rows)}")
-    png = _plot(rows)
+    csv_path = result_path("paged_attention", "csv", out_dir)
+    write_csv(csv_path, rows)
+    print(f"\nwrote {csv_path}")
+    png = _plot(rows, out_dir)
     if png:
         print(f"wrote {png}")
     return 0
