@@ -121,7 +121,7 @@ def run_generate(args) -> int:
     from ..engine import BatchConfig
     from ..engine import Engine
 
-    model, tok, device = _load(args)
+    model, tok, device = load_model_for_cli(args.model, args.device, allow_pickle=args.allow_pickle)
     encoded = [encode(tok, p) for p in prompts]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
