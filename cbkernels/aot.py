@@ -1,9 +1,11 @@
 """Ahead-of-time compile gate: build every kernel config for real GPUs, no GPU needed.
 
 ``python -m cbkernels.aot`` compiles each config that the launchers can pick for sm_80 and
-sm_90, runs Triton's ptxas with ``-v`` for register and spill counts, and prints a table.
+sm_90, runs Triton's ptxas with ``-v`` for register and spill counts, and prints a table
+headed by the Triton and ptxas versions it ran on (the launchers' choices, and so the configs,
+depend on the Triton release: kernels/paged_attention_tiles.version_choices).
 It exits non-zero on a compile error, a register spill, or shared memory over the limit.
-``--json PATH`` also writes the table as JSON.
+``--json PATH`` also writes the table as JSON, each row naming its Triton version.
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions).
 """
@@ -41,6 +43,7 @@ class CompileResult:
     mma_sync: int
     wgmma: int
     error: str = ""
+    triton: str = ""  # the Triton version that compiled it
 
     @property
     def ok(self) -> bool:
@@ -81,7 +84,7 @@ def compile_config(config, arch: int) -> CompileResult:
               if config.signature[n].startswith("*") or n in config.divisible]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
     base = dict(kernel=config.name, arch=f"sm_{arch}", num_warps=config.num_warps,
-                num_stages=config.num_stages)
+                num_stages=config.num_stages, triton=triton.__version__)
     try:
         src = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
         compiled = triton.compile(
@@ -119,6 +122,16 @@ def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True) -> list
     return [compile_config(c, a) for c, a in iterator]
 
 
+def versions_line(archs=ARCHS) -> str:
+    """What the gate ran on: its results hold for this Triton (and its bundled ptxas) only."""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(max(archs))
+    return (f"compile gate: triton {triton.__version__}, ptxas {ptxas.version}, "
+            f"targets {', '.join(f'sm_{a}' for a in archs)}")
+
+
 def format_table(results: list[CompileResult]) -> str:
     header = ("kernel", "arch", "warps", "stages", "regs", "spill st/ld", "smem KB", "mma.sync", "wgmma", "status")
     rows = [header]
@@ -141,7 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    results = run_gate(tuple(args.arch or ARCHS), tuple(args.kernel or KERNEL_MODULES), progress=not args.quiet)
+    archs = tuple(args.arch or ARCHS)
+    results = run_gate(archs, tuple(args.kernel or KERNEL_MODULES), progress=not args.quiet)
+    print(versions_line(archs))
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

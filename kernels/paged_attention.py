@@ -35,6 +35,7 @@ from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch dec
     DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
 )
+from .paged_attention_tiles import LOOP_RANGE
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln 2: converts the kernel's base-2 log-sum-exp to natural log
@@ -140,7 +141,9 @@ def _paged_attention_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
     block_mask = (1 << log2_block_size) - 1
     kv_head_off = kv_head.to(tl.int64) * head_dim
-    for it in range(it_begin, it_end):
+    # LOOP_RANGE, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound
+    # (paged_attention_tiles.version_choices). Compiled, LOOP_RANGE is tl.range: the same loop.
+    for it in LOOP_RANGE(it_begin, it_end):
         k_pos = it * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         k_ok = k_pos < kv_len
         # Entries past the sequence's last block are garbage: masked, never dereferenced.
@@ -221,7 +224,7 @@ def _merge_splits_kernel(
     m = tl.full([], _NEG_BIG, tl.float32)
     denom = tl.zeros([], tl.float32)
     acc = tl.zeros([D_PAD], tl.float32)
-    for s in range(num_splits):
+    for s in LOOP_RANGE(num_splits):  # not range(): see the KV loop of _paged_attention_kernel
         part = s * num_rows + row
         lse_s = tl.load(part_lse_ptr + part)
         m_new = tl.maximum(m, lse_s)

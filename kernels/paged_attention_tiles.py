@@ -5,12 +5,14 @@ launcher, the engine's workspace sizing and the ahead-of-time compile gate share
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
-from ._common import next_power_of_2
+from ._common import interpreting, next_power_of_2
 
 # Head dims below 64 (validation allows 16..56) run on the D = 64 tiles, masked: small heads are
 # rare (test models) and it keeps the AOT config count at three head-dim pads (64, 128, 256).
@@ -27,6 +29,62 @@ class Tile:
     num_stages: int
 
 
+def triton_version(text: str = triton.__version__) -> tuple[int, int]:
+    """(major, minor) of a Triton version string such as "3.6.0" or "3.7.0+git1234"."""
+    major, minor = text.split(".")[:2]
+    return int(major), int(re.match(r"\d+", minor).group())
+
+
+@dataclass(frozen=True)
+class VersionChoices:
+    """The launch decisions that depend on the Triton release (docs/compatibility.md)."""
+
+    sm90_prefill_half_stages: int | None  # num_stages of sm_90 fp16/bf16 prefill tiles; None: the table's
+    interpreter_while_loops: bool  # interpreted kernels loop with while, not range() (LOOP_RANGE)
+
+
+# The one place that picks by Triton version. Each entry names the compile-gate row that proves it
+# (python -m cbkernels.aot --arch 90, run under each version):
+# * Triton 3.6 fails its software pipeliner ("Pipeline failed while executing TritonGPUPipeline")
+#   on every sm_90 fp16/bf16 prefill tile at num_stages 2 or 3, at 4 and 8 warps; num_stages 1
+#   compiles, still on wgmma: paged_attention[prefill,fp16,d128,m64,n64,w8,s1] sm_90, 138
+#   registers, 12 wgmma, no spills. Triton 3.7.1, 3.8 and 3.9 build the pipelined tiles.
+#   sm_80 (mma.sync, cp.async) and every decode tile pipeline on 3.6 as they are.
+# * Triton 3.6's interpreter keeps every scalar as a one-element array and turns a tensor into a
+#   Python int with int(array), which NumPy 2.4 refuses for an array that is not 0-d: every
+#   `for ... in range(runtime bound)` fails there ("only 0-dimensional arrays can be converted to
+#   Python scalars"), whatever computes the bound. 3.7 and later squeeze the array first.
+def version_choices(version: tuple[int, int], interpreted: bool) -> VersionChoices:
+    old = version < (3, 7)
+    return VersionChoices(sm90_prefill_half_stages=1 if old else None, interpreter_while_loops=old and interpreted)
+
+
+def _while_range(start, stop=None):
+    """range() as a while loop, for an interpreter that cannot turn a tensor bound into an int:
+    compares and increments the bounds as tensors, which every interpreter can."""
+    if stop is None:
+        start, stop = 0, start
+    it = start
+    while it < stop:
+        yield it
+        it = it + 1
+
+
+TRITON_VERSION = triton_version()
+VERSION_CHOICES = version_choices(TRITON_VERSION, interpreting())
+# The iterator of the kernels' runtime-bound loops (`for it in LOOP_RANGE(lo, hi)`). Compiled, it is
+# tl.range, which the compiler treats exactly as range(): the same scf.for that num_stages
+# pipelines (the PTX of every gate config, debug lines aside, is the same as with range() on
+# 3.6 and 3.9). Interpreted, the kernel runs as Python: range() where the interpreter can index
+# a tensor, _while_range on Triton 3.6 (the tiles visited and their order are the same).
+if not interpreting():
+    LOOP_RANGE = tl.range
+elif VERSION_CHOICES.interpreter_while_loops:
+    LOOP_RANGE = _while_range
+else:
+    LOOP_RANGE = range
+
+
 # Launch tiles per arch, keyed by (kind, element size, padded head dim). Where the numbers came
 # from (every entry checked in the AOT table, python -m cbkernels.aot --kernel paged_attention,
 # which compiles every config for BOTH sm_80 and sm_90, so an entry must fit both):
@@ -40,9 +98,13 @@ class Tile:
 #   M = 32 fits (107-154 registers); D = 256 halves M again.
 # * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
 #   K/V buffer for the D <= 128 fp16/bf16 decode and D = 64 prefill tiles (<= 49 KB); 2 on sm_80
-#   (163 KB, and its cp.async pipeline gains little from a third stage on a gather).
-def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
+#   (163 KB, and its cp.async pipeline gains little from a third stage on a gather). The sm_90
+#   fp16/bf16 prefill stages give way to VERSION_CHOICES where a Triton release cannot pipeline them.
+def _tiles(arch: int, choices: VersionChoices = VERSION_CHOICES) -> dict[tuple[str, int, int], Tile]:
     stages = 3 if arch >= 90 else 2
+    prefill_half = {64: stages, 128: 2, 256: 2}
+    if arch >= 90 and choices.sm90_prefill_half_stages is not None:
+        prefill_half = dict.fromkeys(prefill_half, choices.sm90_prefill_half_stages)
     return {
         ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages),
         ("decode", 2, 128): Tile(DECODE_BLOCK_M, 64, 4, stages),
@@ -50,9 +112,9 @@ def _tiles(arch: int) -> dict[tuple[str, int, int], Tile]:
         ("decode", 4, 64): Tile(DECODE_BLOCK_M, 32, 4, 2),
         ("decode", 4, 128): Tile(DECODE_BLOCK_M, 32, 4, 2),
         ("decode", 4, 256): Tile(DECODE_BLOCK_M, 16, 4, 2),
-        ("prefill", 2, 64): Tile(128, 64, 8, stages),
-        ("prefill", 2, 128): Tile(64, 64, 8, 2),
-        ("prefill", 2, 256): Tile(64, 32, 8, 2),
+        ("prefill", 2, 64): Tile(128, 64, 8, prefill_half[64]),
+        ("prefill", 2, 128): Tile(64, 64, 8, prefill_half[128]),
+        ("prefill", 2, 256): Tile(64, 32, 8, prefill_half[256]),
         ("prefill", 4, 64): Tile(32, 32, 4, 2),
         ("prefill", 4, 128): Tile(32, 32, 8, 2),
         ("prefill", 4, 256): Tile(16, 32, 8, 2),

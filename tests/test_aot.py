@@ -2,7 +2,9 @@
 and sm_90 without a GPU, with no register spills and shared memory within the limit.
 
 Runs ``python -m cbkernels.aot`` in a subprocess: the test session itself has Triton's
-interpreter on, which replaces the @triton.jit functions the compiler needs.
+interpreter on, which replaces the @triton.jit functions the compiler needs. The configs
+depend on the Triton release (paged_attention_tiles.version_choices); the tests below the
+gate's check that the gate builds exactly what the launcher picks on the running release.
 """
 import json
 import os
@@ -10,8 +12,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import triton
 
 from cbkernels.aot import ARCHS, KERNEL_MODULES, SHARED_MEMORY_LIMIT
+from cbkernels.kernels import paged_attention as pa
+from cbkernels.kernels import paged_attention_tiles as tiles
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +73,77 @@ def test_attention_uses_tensor_cores_for_half_precision(gate):
     assert half, "no fp16/bf16 paged attention configs in the gate"
     for r in half:
         assert r["mma_sync"] + r["wgmma"] > 0, f"no tensor-core instruction in {r['kernel']} {r['arch']}"
+
+
+def test_gate_names_the_triton_it_ran_on(gate):
+    proc, results = gate
+    assert proc.stdout.startswith(f"compile gate: triton {triton.__version__}, ptxas "), proc.stdout[:200]
+    assert {r["triton"] for r in results} == {triton.__version__}
+
+
+# Head dims the launcher accepts (16..256, multiples of 8) reduce to the three pads.
+_HEAD_DIMS = (16, 40, 64, 96, 128, 200, 256)
+# (max_seqlen_q, group): one decode token, a decode filling the 16-row tile exactly, prefills.
+_SHAPES = ((1, 1), (1, 16), (2, 16), (1, 32), (300, 4))
+
+
+def _config_name(kind: str, dtype: torch.dtype, d_pad: int, tile) -> str:
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    return (f"paged_attention[{kind},{name},d{d_pad},m{tile.block_m},n{tile.block_n},"
+            f"w{tile.num_warps},s{tile.num_stages}]")
+
+
+def test_gate_configs_are_exactly_the_launchers_picks():
+    """Every tile pick_tile can return on this Triton is a gate config for that arch, and every
+    gate config of the attention kernel is such a pick: no config compiled for nothing, none missed."""
+    gate = {(c.name, arch) for c in pa.aot_configs() if c.name.startswith("paged_attention[")
+            for arch in c.archs}
+    picked = set()
+    for arch in tiles.TILES:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in _HEAD_DIMS:
+                for max_seqlen_q, group in _SHAPES:
+                    tile = tiles.pick_tile(arch, dtype, head_dim, max_seqlen_q, group)
+                    kind = "decode" if max_seqlen_q * group <= tiles.DECODE_BLOCK_M else "prefill"
+                    picked.add((_config_name(kind, dtype, tiles.padded_head_dim(head_dim), tile), arch))
+    assert picked == gate
+
+
+def test_triton_version_parsing():
+    assert tiles.triton_version("3.6.0") == (3, 6)
+    assert tiles.triton_version("3.10.1") == (3, 10)
+    assert tiles.triton_version("3.7.0+git0123abc") == (3, 7)
+    assert tiles.triton_version("3.8rc1") == (3, 8)
+    assert tiles.TRITON_VERSION == tiles.triton_version(triton.__version__)
+
+
+def test_triton_3_6_drops_pipelining_only_on_sm90_half_precision_prefill():
+    old, new = tiles.version_choices((3, 6), False), tiles.version_choices((3, 9), False)
+    assert tiles.version_choices((3, 7), False) == new
+    assert tiles._tiles(80, old) == tiles._tiles(80, new)
+    old90, new90 = tiles._tiles(90, old), tiles._tiles(90, new)
+    changed = {key for key in new90 if old90[key] != new90[key]}
+    assert changed == {("prefill", 2, 64), ("prefill", 2, 128), ("prefill", 2, 256)}
+    for key in changed:
+        assert old90[key].num_stages == 1 and new90[key].num_stages >= 2
+        assert (old90[key].block_m, old90[key].block_n, old90[key].num_warps) == \
+            (new90[key].block_m, new90[key].block_n, new90[key].num_warps)
+
+
+def test_while_loops_only_where_triton_3_6_interprets():
+    assert tiles.version_choices((3, 6), True).interpreter_while_loops
+    assert not tiles.version_choices((3, 6), False).interpreter_while_loops  # compiled: the pipelined loop
+    assert not tiles.version_choices((3, 7), True).interpreter_while_loops
+    assert not tiles.version_choices((3, 9), True).interpreter_while_loops
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpreting:
+        assert tiles.LOOP_RANGE is triton.language.range
+    elif tiles.version_choices(tiles.TRITON_VERSION, True).interpreter_while_loops:
+        assert tiles.LOOP_RANGE is tiles._while_range
+    else:
+        assert tiles.LOOP_RANGE is range
+
+
+@pytest.mark.parametrize("args", [(5,), (0,), (2, 6), (6, 2), (-3, 1)])
+def test_while_range_visits_what_range_does(args):
+    assert list(tiles._while_range(*args)) == list(range(*args))
