@@ -6,7 +6,8 @@
 
 Each run is its own subprocess with the cache directory in a temporary directory (removed
 afterwards), answering "What is the capital of France?" with 8 new tokens. The goal is a warm
-run within 12 s on a 2-core CPU machine.
+run within 12 s on a 2-core CPU machine. The 1-minute load average before each run is recorded:
+on a shared machine other processes' load stretches every figure.
 """
 from __future__ import annotations
 
@@ -51,15 +52,16 @@ def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list
         for i, (name, args) in enumerate(plan, start=1):
             if progress:
                 print(f"[{i}/{len(plan)}] {name}: cbkernels {' '.join(args)}", file=sys.stderr, flush=True)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             seconds, proc = _timed(args, env)
             if proc.returncode != 0:
                 raise RuntimeError(f"cbkernels {name} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
             answer = proc.stdout.strip().splitlines()[0] if name != "help" and proc.stdout.strip() else ""
             rows.append({"run": name, "wall_s": round(seconds, 2), "cache_mb": _cache_mb(Path(cache)),
                          "answer": answer[:60], "goal_s": GOAL_S if name == "warm" else "",
-                         "cpus": os.cpu_count(), "prompt": PROMPT if name != "help" else "",
+                         "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "prompt": PROMPT if name != "help" else "",
                          "max_new_tokens": MAX_NEW_TOKENS if name != "help" else ""})
-    print_table(rows, ["run", "wall_s", "cache_mb", "goal_s", "answer"])
+    print_table(rows, ["run", "wall_s", "cache_mb", "load_avg_1m", "answer"])
     warm = [r["wall_s"] for r in rows if r["run"] == "warm"]
     if warm:
         median = statistics.median(warm)
