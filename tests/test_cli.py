@@ -104,12 +104,13 @@ def generate_argv(draw):
 @given(argv=generate_argv())
 def test_fuzzed_command_lines_never_crash(argv, monkeypatch, capsys):
     """Whatever is typed: exit code 2 with one line on stderr, or accepted (the model would load)."""
-    from cbkernels import cli, generate_cmd
+    from cbkernels import cli
+    from cbkernels.cli import generate
 
-    def would_load(args):
+    def would_load(*args, **kwargs):
         raise _WouldLoadModel
 
-    monkeypatch.setattr(generate_cmd, "_load", would_load)
+    monkeypatch.setattr(generate, "load_model_for_cli", would_load)
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
     try:
         code = cli.main(argv)

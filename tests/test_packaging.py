@@ -23,6 +23,7 @@ def test_regular_install_has_kernels_references_and_benchmarks(tmp_path):
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600)
     package = target / "cbkernels"
     for module in ("kernels/paged_attention.py", "kernels/kv_cache.py", "reference/paged_attention.py",
-                   "benchmarks/peers.py", "cli.py"):
+                   "benchmarks/peers.py", "cli/__init__.py", "engine/engine.py", "attention/backend.py",
+                   "ops/checks.py", "engine/scheduler_names.py"):
         assert (package / module).is_file(), module
     assert not (target / "kernels").exists(), "kernels/ must not install as a top-level package"

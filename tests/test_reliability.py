@@ -78,7 +78,7 @@ def test_forward_fault_fails_only_that_step(llama, prompts, expected, nth):
 
 
 def test_sampling_fault_is_contained(llama, prompts, expected, monkeypatch):
-    import cbkernels.model_runner as mr
+    import cbkernels.engine.model_runner as mr
 
     real, calls = mr.sample, []
 
