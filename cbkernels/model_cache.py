@@ -134,7 +134,22 @@ def converted_gguf(gguf, cache_dir=None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         lock.release()
+    _drop_superseded(entry, identity)
     return entry
+
+
+def _drop_superseded(entry: Path, identity: dict) -> None:
+    """Remove entries converted from an earlier version of the same file (same path and
+    transformers version; size, mtime or header since changed): nothing can load them again,
+    and a reinstalled model would otherwise add a full copy each time."""
+    for row in list_entries(entry.parent.parent):
+        m = row["manifest"]
+        if (m is None or row["path"] == entry or m.get("source") != identity["source"]
+                or m.get("transformers") != identity["transformers"]):
+            continue
+        if (m.get("size"), m.get("mtime_ns"), m.get("header_sha256")) != (
+                identity["size"], identity["mtime_ns"], identity["header_sha256"]):
+            shutil.rmtree(row["path"], ignore_errors=True)
 
 
 def _sync_dir(path: Path) -> None:
@@ -214,7 +229,10 @@ def list_entries(cache_dir=None) -> list[dict]:
     for path in sorted(root.iterdir()):
         if not path.is_dir():
             continue
-        manifest = json.loads((path / MANIFEST).read_text()) if is_complete(path) else None
+        try:
+            manifest = json.loads((path / MANIFEST).read_text()) if is_complete(path) else None
+        except ValueError:  # damaged by hand: listed as incomplete, removed by clear
+            manifest = None
         stale = None
         if manifest is not None:
             src = Path(manifest["source"])

@@ -68,6 +68,20 @@ def test_key_follows_size_mtime_header_and_transformers_version(tmp_path, monkey
     assert len(set(names)) == len(names), names
 
 
+def test_a_changed_file_replaces_its_old_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(mc, "convert", _fake_convert([]))
+    gguf, cache = _fake_gguf(tmp_path), tmp_path / "cache"
+    old = mc.converted_gguf(gguf, cache)
+    monkeypatch.setattr(mc, "transformers_version", lambda: "0.0.1")
+    other_version = mc.converted_gguf(gguf, cache)  # another environment's copy: kept
+    monkeypatch.undo()
+    monkeypatch.setattr(mc, "convert", _fake_convert([]))
+    os.utime(gguf, ns=(0, 10**9))  # the file was reinstalled
+    new = mc.converted_gguf(gguf, cache)
+    assert len({old, other_version, new}) == 3
+    assert not old.exists() and other_version.exists() and mc.is_complete(new)
+
+
 def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(mc.CACHE_ENV, raising=False)
