@@ -99,7 +99,8 @@ class PagedAttentionCache:
         return self.pool.num_free()
 
     def num_used_blocks(self) -> int:
-        return sum(1 for r in self.pool.ref_counts if r > 0)
+        """Blocks some request holds (cached blocks nobody holds count as free)."""
+        return self.num_blocks - self.pool.num_free()
 
     def occupancy(self) -> float:
         return self.num_used_blocks() / self.num_blocks

@@ -75,6 +75,8 @@ class Engine:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified after every state change
         self._loop = ServingLoop(self.step, self.scheduler.has_work, self._changed)
+        # Seconds of the last step by phase (schedule, prepare, forward, sample, postprocess).
+        self.last_step_timing: dict[str, float] = {}
 
     # ---------------------------------------------------------------- serving loop
     def start(self) -> "Engine":
@@ -220,6 +222,7 @@ class Engine:
         self._activate()
         # 1. schedule
         batch = self.scheduler.schedule()
+        scheduled = time.perf_counter()
         self.num_steps += 1
         for req in batch.failed:
             self._stats.record_request(req.to_output())
@@ -241,11 +244,14 @@ class Engine:
                                     self.cache.num_used_blocks())
             return []
         # 3. postprocess
-        for req in self.scheduler.postprocess(batch, sampled, time.perf_counter()):
+        ran = time.perf_counter()
+        for req in self.scheduler.postprocess(batch, sampled, ran):
             self._stats.record_request(req.to_output())
         made = [(r.request_id, t) for r, t in zip(batch.requests, sampled) if t is not None]
+        self.last_step_timing = {"schedule": scheduled - start, **self.runner.timing,
+                                 "postprocess": time.perf_counter() - ran}
         self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
-                                self.cache.num_used_blocks())
+                                self.cache.num_used_blocks(), self.runner.timing["forward"])
         if not self.scheduler.has_work():
             self._restore()
         return made

@@ -44,6 +44,8 @@ class EngineMetrics:
     finished: int = 0
     busy_s: float = 0.0  # wall time inside step()
     peak_used_blocks: int = 0  # most cache blocks in use after any step
+    # Host time of recent steps (wall time of a step minus its model forward), seconds.
+    host_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # Latency samples of the most recent requests only: a long-running server must not keep
     # every sample it ever saw. The mean and percentiles are over this window.
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -51,8 +53,9 @@ class EngineMetrics:
     e2e_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float,
-                    used_blocks: int = 0) -> None:
+                    used_blocks: int = 0, forward_s: float = 0.0) -> None:
         self.steps += 1
+        self.host_s.append(seconds - forward_s)
         self.peak_used_blocks = max(self.peak_used_blocks, used_blocks)
         self.batch_tokens += sum(num_tokens)
         self.padded_tokens += len(num_tokens) * max(num_tokens, default=0)
@@ -95,6 +98,7 @@ class EngineMetrics:
             "prefix_hit_rate": cache.prefix_hit_rate(),
             "padding_saved": 1.0 - self.batch_tokens / self.padded_tokens if self.padded_tokens else 0.0,
             "preemptions": self.preemptions,
+            "host_ms_per_step_p50": None if not self.host_s else 1e3 * percentile(self.host_s, 0.5),
             "timestamp": time.time(),
         }
 

@@ -8,6 +8,7 @@ Decode-only steps may instead replay a CUDA graph (``cuda_graphs.DecodeGraphs``)
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -37,6 +38,9 @@ class ModelRunner:
         self._no_mask = torch.ones(_NO_MASK_SHAPE, dtype=torch.bool, device=self.device)
         self.graphs: Optional[DecodeGraphs] = None
         self.eager_steps = 0
+        # Seconds of the last run: prepare (plan + metadata), forward, sample. The forward's
+        # share is device work on a CPU; everything else is host work per step.
+        self.timing = {"prepare": 0.0, "forward": 0.0, "sample": 0.0}
         if resolve_use_cuda_graph(use_cuda_graph, self.device, backend.name):
             limit = cache.max_batch_tokens if max_num_seqs is None else min(max_num_seqs, cache.max_batch_tokens)
             self.graphs = DecodeGraphs(self, limit)
@@ -63,12 +67,14 @@ class ModelRunner:
     def forward(self, input_ids, position_ids, meta: StepMetadata, logits_to_keep) -> torch.Tensor:
         """Model forward over one packed step: logits [1, S, V]."""
         self.backend.layer_calls = 0
+        start = time.perf_counter()
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=self._no_mask,
                          use_cache=False, logits_to_keep=logits_to_keep, **self.backend.forward_kwargs(meta))
         if self.backend.layer_calls != self.cache.num_layers:
             raise RuntimeError(
                 f"{self.backend.layer_calls} of {self.cache.num_layers} attention layers ran the paged path: the "
                 "model's attention modules do not dispatch through config._attn_implementation='cbkernels'")
+        self.timing["forward"] += time.perf_counter() - start
         return out.logits
 
     def graph_stats(self) -> dict:
@@ -83,6 +89,8 @@ class ModelRunner:
         """Run a scheduled batch (copy-on-write copies first); returns one entry per
         ``batch.requests``: the sampled token, or None for a prefill chunk that does not reach
         the end of its prompt."""
+        start = time.perf_counter()
+        self.timing = dict.fromkeys(self.timing, 0.0)
         self.cache.apply_copies(batch.copies)
         order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
         requests = [batch.requests[i] for i in order]
@@ -95,11 +103,14 @@ class ModelRunner:
         else:
             self.eager_steps += 1
             logits = self._eager(requests, counts, sampling)
+        sampled_at = time.perf_counter()
         result: list[Optional[int]] = [None] * len(order)
         if sampling:
             tokens = sample(logits, [requests[i].params for i in sampling], self.generator)
             for i, token in zip(sampling, tokens):
                 result[order[i]] = token
+        self.timing["sample"] = time.perf_counter() - sampled_at
+        self.timing["prepare"] = sampled_at - start - self.timing["forward"]
         return result
 
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:

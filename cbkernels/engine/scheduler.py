@@ -27,6 +27,7 @@ class ScheduledBatch:
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
+    members: set = field(default_factory=set)  # the scheduled requests, for O(1) membership
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -46,7 +47,9 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order: the last one is the newest
+        # In admission order, the last one the newest. A dict (values unused) for O(1)
+        # membership and removal: requests hash and compare by identity.
+        self.running: dict[Request, None] = {}
 
     # -------------------------------------------------------------- queue verbs
     def add(self, req: Request) -> None:
@@ -62,7 +65,7 @@ class Scheduler:
     def finish(self, req: Request) -> None:
         """Drop a finished, failed or cancelled request and free its blocks."""
         if req in self.running:
-            self.running.remove(req)
+            del self.running[req]
         elif req in self.waiting:
             self.waiting.remove(req)
         self.cache.release(req)
@@ -79,7 +82,7 @@ class Scheduler:
         req.finish_reason, req.finish_time = "cancelled", now
 
     def preempt(self, req: Request) -> None:
-        self.running.remove(req)
+        del self.running[req]
         self.cache.release(req)
         req.transition(S.PENDING)
         req.num_computed = 0
@@ -140,15 +143,16 @@ class Scheduler:
                 self.cache.reserve(req, n)
                 break
             except OutOfBlocks:
-                victims = [r for r in self.running if r not in batch.requests]
-                if not victims or victims[-1] is req:
+                victim = next((r for r in reversed(self.running) if r not in batch.members), None)
+                if victim is None or victim is req:
                     if req in self.running:  # nobody newer to evict: step back itself
                         self.preempt(req)
                         batch.preempted.append(req)
                     return False
-                self.preempt(victims[-1])
-                batch.preempted.append(victims[-1])
+                self.preempt(victim)
+                batch.preempted.append(victim)
         batch.requests.append(req)
+        batch.members.add(req)
         batch.num_tokens.append(n)
         self._budget -= n
         self._mark(req, n)
@@ -167,7 +171,7 @@ class Scheduler:
         for req in list(self.running):
             if self._budget <= 0:
                 return
-            if (req.status is S.DECODING) != decoding or req in batch.requests or req not in self.running:
+            if (req.status is S.DECODING) != decoding or req in batch.members or req not in self.running:
                 continue
             self._take(batch, req)
 
@@ -195,7 +199,7 @@ class Scheduler:
                 self._undo_admission(req)  # wait for blocks to come back
                 return
             self.waiting.popleft()
-            self.running.append(req)
+            self.running[req] = None
             batch.copies.extend(copies)
             self._take(batch, req)
 
