@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .integration import BACKEND_KWARG, METADATA_KWARG
-from .metadata import GroupMetadata, StepMetadata, StepPlan, shared_tensors, table_tensor
+from .metadata import GroupMetadata, StepMetadata, StepPlan, StepTensors, slot_mapping
 
 
 class AttentionBackend(ABC):
@@ -21,7 +21,7 @@ class AttentionBackend(ABC):
 
     def __init__(self, cache, num_q_heads: int):
         """``cache``: the engine's ``PagedAttentionCache`` (``layer_cache(layer)``,
-        ``group_of_layer``, ``kv``); ``num_q_heads``: the model's query heads."""
+        ``group_of_layer``, ``kv``, ``device_tables``); ``num_q_heads``: the model's query heads."""
         self.cache = cache
         self.num_q_heads = num_q_heads
         self.device = cache.kv.device
@@ -29,21 +29,27 @@ class AttentionBackend(ABC):
 
     # ------------------------------------------------------------------ verb 1
     def build(self, plan: StepPlan) -> StepMetadata:
-        """Device metadata of one step (one host-to-device copy per tensor group)."""
-        seq_lens, cu = shared_tensors(plan, self.device)
+        """Device metadata of one step: one host-to-device copy of the plan's integers, the
+        block-table updates applied, then everything else computed on the device."""
+        step = StepTensors(plan, self.device)
+        tables = self.cache.device_tables
+        tables.apply(step.table_updates)
         groups = []
         for g, window in enumerate(plan.windows):
-            tables = table_tensor(plan, g)
-            slots = torch.tensor(plan.slots[g], dtype=torch.int64)
-            groups.append(self.build_group(plan, g, tables, slots, window))
+            block_tables = tables.table(g).index_select(0, step.rows)
+            if plan.table_width is not None:
+                block_tables = block_tables[:, :plan.table_width]
+            slots = slot_mapping(tables.table(g), step, plan.block_size, plan.num_padding)
+            groups.append(self.build_group(plan, step, block_tables, slots, window))
+        t = len(plan.input_ids)
         return self.metadata_class()(
-            groups, seq_lens, cu, max(plan.query_lens), plan.max_seqlen_k, plan.num_decodes,
-            plan.prefill_spans(), plan.padded)
+            step.input_ids.view(1, t), step.positions.view(1, t), groups, step.seq_lens, step.cu_seqlens_q,
+            max(plan.query_lens), plan.max_seqlen_k, plan.num_decodes, plan.prefill_spans(), plan.padded)
 
-    def build_group(self, plan: StepPlan, group: int, tables: torch.Tensor, slots: torch.Tensor,
+    def build_group(self, plan: StepPlan, step: StepTensors, block_tables: torch.Tensor, slots: torch.Tensor,
                     window: Optional[int]) -> GroupMetadata:
-        """One layer group's metadata from its host tables [B, W] and slots [T]."""
-        return GroupMetadata(slots.to(self.device), tables.to(self.device), window)
+        """One layer group's metadata from its device tables [B, W] and slots [T]."""
+        return GroupMetadata(slots, block_tables, window)
 
     def metadata_class(self) -> type:
         return StepMetadata

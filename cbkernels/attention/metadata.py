@@ -16,21 +16,27 @@ import torch
 
 @dataclass(slots=True)
 class StepPlan:
-    """One packed step in host integers. Sequences with one query row come first."""
+    """One packed step in host integers. Sequences with one query row come first.
+
+    Block tables are not here: they live on the device (``block_tables``, one
+    ``[rows, width]`` int32 table per layer group, see ``cbkernels.engine.block_tables``);
+    each sequence names its row, and ``table_updates`` carries the entries to write first.
+    """
 
     input_ids: list[int]  # [T]
     positions: list[int]  # [T]
     seq_lens: list[int]  # [B] KV length of each sequence, its new tokens included
     query_lens: list[int]  # [B] new tokens of each sequence
-    tables: list[list[list[int]]]  # [groups][B][blocks] block table of each sequence
-    slots: list[list[int]]  # [groups][T] cache slot of each new token, -1: padding row
+    rows: list[int]  # [B] row of each sequence in the device block tables
+    table_updates: list[int]  # (group, row, column, block id) quadruples, flattened
     windows: list[Optional[int]]  # [groups] sliding window of the group (None: full)
     block_size: int
     num_decodes: int  # the first num_decodes sequences have exactly one query row
-    # Static shapes for CUDA-graph buckets: block tables padded to this width (with
-    # ``table_fill[group]``, else 0), and max_seqlen_k fixed to width * block_size.
+    # CUDA-graph buckets: the last ``num_padding`` sequences are one-row padding (their slot
+    # is -1: never written), and tables are cut to ``table_width`` columns so that shapes and
+    # max_seqlen_k = table_width * block_size stay fixed. None: tight shapes.
+    num_padding: int = 0
     table_width: Optional[int] = None
-    table_fill: list[int] = field(default_factory=list)
 
     @property
     def padded(self) -> bool:
@@ -66,6 +72,8 @@ class GroupMetadata:
 
 @dataclass(slots=True)
 class StepMetadata:
+    input_ids: torch.Tensor  # [1, T] int64, the model's input
+    position_ids: torch.Tensor  # [1, T] int64
     groups: list[GroupMetadata]
     seq_lens: torch.Tensor  # [B] int32
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
@@ -93,16 +101,36 @@ def _copy_tensors(dst, src) -> None:
                 x.copy_(y)
 
 
-def shared_tensors(plan: StepPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """seq_lens [B] and cu_seqlens_q [B + 1], int32 on ``device``: the width the kernels take."""
-    host = torch.tensor(plan.seq_lens + plan.cu_seqlens_q, dtype=torch.int32)
-    dev = host.to(device)
-    return dev[:len(plan.seq_lens)], dev[len(plan.seq_lens):]
+class StepTensors:
+    """A step plan's integers on the device, from ONE host-to-device copy: input ids,
+    positions, seq_lens, cu_seqlens_q, table rows and table updates, packed in one int64
+    buffer. On CUDA the buffer is pinned (torch's caching host allocator keeps it until the
+    asynchronous copy has run), so the host goes on without waiting."""
+
+    __slots__ = ("input_ids", "positions", "seq_lens", "cu_seqlens_q", "rows", "table_updates", "token_rows")
+
+    def __init__(self, plan: StepPlan, device: torch.device):
+        cu = plan.cu_seqlens_q
+        parts = (plan.input_ids, plan.positions, plan.seq_lens, cu, plan.rows, plan.table_updates)
+        host = torch.tensor([x for part in parts for x in part], dtype=torch.int64, pin_memory=device.type == "cuda")
+        dev = host.to(device, non_blocking=True)
+        t, b = len(plan.input_ids), len(plan.seq_lens)
+        bounds = [0, t, 2 * t, 2 * t + b, 2 * t + 2 * b + 1, 2 * t + 3 * b + 1, dev.numel()]
+        ids, pos, lens, cu_dev, rows, updates = (dev[bounds[i]:bounds[i + 1]] for i in range(6))
+        self.input_ids, self.positions, self.table_updates = ids, pos, updates
+        self.seq_lens, self.cu_seqlens_q = lens.to(torch.int32), cu_dev.to(torch.int32)
+        self.rows = rows
+        # The table row of every query token (its sequence's row), without a device sync.
+        counts = cu_dev[1:] - cu_dev[:-1]
+        self.token_rows = torch.repeat_interleave(rows, counts, output_size=t)
 
 
-def table_tensor(plan: StepPlan, group: int) -> torch.Tensor:
-    """[B, width] int32 on the host: each row's table, padded with ``plan.table_fill``."""
-    tables = plan.tables[group]
-    fill = plan.table_fill[group] if plan.table_fill else 0
-    width = plan.table_width if plan.table_width is not None else max(len(t) for t in tables)
-    return torch.tensor([t + [fill] * (width - len(t)) for t in tables], dtype=torch.int32)
+def slot_mapping(tables: torch.Tensor, step: StepTensors, block_size: int, num_padding: int) -> torch.Tensor:
+    """[T] int64 cache slot of every query token through its row of ``tables`` [rows, W];
+    the last ``num_padding`` tokens (padding rows) get -1."""
+    pos = step.positions
+    blocks = tables[step.token_rows, pos // block_size].to(torch.int64)
+    slots = blocks * block_size + pos % block_size
+    if num_padding:
+        slots[slots.shape[0] - num_padding:] = -1
+    return slots

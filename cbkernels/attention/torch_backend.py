@@ -35,24 +35,26 @@ def _positions_to_slots(table_rows: torch.Tensor, positions: torch.Tensor, block
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def build_group(self, plan: StepPlan, group: int, tables: torch.Tensor, slots: torch.Tensor,
+    def build_group(self, plan: StepPlan, step, block_tables: torch.Tensor, slots: torch.Tensor,
                     window: Optional[int]) -> GroupMetadata:
         dev, bs, nd = self.device, plan.block_size, plan.num_decodes
-        meta = TorchGroupMetadata(slots.to(dev), tables.to(dev), window)
+        meta = TorchGroupMetadata(slots, block_tables, window)
         if nd:
-            lens = torch.tensor(plan.seq_lens[:nd], dtype=torch.int64)
-            pos = torch.arange(plan.max_seqlen_k if plan.padded else int(lens.max()))
-            meta.decode_slots = _positions_to_slots(tables[:nd], pos, bs).to(dev)
-            seen = torch_path.visible(lens[:, None] - 1, pos[None, :], window)
-            # Static buffers (CUDA-graph buckets) always carry a mask; otherwise skip an all-True one.
-            if plan.padded or not bool(seen.all()):
-                meta.decode_mask = seen[:, None, None, :].to(dev)
+            longest = plan.max_seqlen_k if plan.padded else max(plan.seq_lens[:nd])
+            pos = torch.arange(longest, device=dev)
+            meta.decode_slots = _positions_to_slots(block_tables[:nd], pos, bs)
+            # Decided on host ints (no device read): a mask is needed unless every decode row
+            # sees all `longest` positions. Static buffers (CUDA-graph buckets) always carry one.
+            lens = plan.seq_lens[:nd]
+            if plan.padded or min(lens) != longest or (window is not None and window < longest):
+                seen = torch_path.visible(step.seq_lens[:nd, None].to(torch.int64) - 1, pos[None, :], window)
+                meta.decode_mask = seen[:, None, None, :]
         for b in range(nd, len(plan.seq_lens)):
             if plan.seq_lens[b] == plan.query_lens[b]:
                 meta.prefix_slots.append(None)  # whole prompt in this step: keys are the new rows
             else:
-                pos = torch.arange(plan.seq_lens[b])
-                meta.prefix_slots.append(_positions_to_slots(tables[b:b + 1], pos, bs)[0].to(dev))
+                pos = torch.arange(plan.seq_lens[b], device=dev)
+                meta.prefix_slots.append(_positions_to_slots(block_tables[b:b + 1], pos, bs)[0])
         return meta
 
     def run_layer(self, query, key, value, new_k, new_v, k_cache, v_cache, meta, group, *,

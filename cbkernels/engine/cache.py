@@ -9,7 +9,8 @@ import torch
 
 from .allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks, SlidingAttentionCacheAllocator
 from .inputs import check_count, check_request_id
-from .model_config import max_context, text_config
+from .block_tables import DeviceBlockTables, table_width
+from .model_config import DEFAULT_MAX_CONTEXT, max_context, text_config
 
 # Fallback when the machine's free memory cannot be read (e.g. an exotic OS).
 _UNKNOWN_FREE_BYTES = 4 << 30
@@ -42,7 +43,7 @@ class PagedAttentionCache:
         self, num_blocks: int, block_size: int, max_batch_tokens: int, *, num_layers: int = 1,
         num_kv_heads: int = 1, head_dim: int = 64, dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu", layer_windows: Optional[Sequence[Optional[int]]] = None,
-        prefix_caching: bool = True,
+        prefix_caching: bool = True, max_context: Optional[int] = None,
     ):
         for name, value, low in (("num_blocks", num_blocks, 1), ("block_size", block_size, 1),
                                  ("max_batch_tokens", max_batch_tokens, 1), ("num_layers", num_layers, 0),
@@ -70,6 +71,11 @@ class PagedAttentionCache:
         self.prefix_caching = prefix_caching and all(w is None for w in windows)
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device) if num_layers else None
+        # The running requests' block tables on the same device, updated incrementally.
+        full_only = all(w is None for w in windows)
+        self.device_tables = DeviceBlockTables(
+            len(self.allocators), table_width(max_context or DEFAULT_MAX_CONTEXT, block_size, num_blocks, full_only),
+            device)
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -89,7 +95,8 @@ class PagedAttentionCache:
             num_blocks = max(1, min(budget // per_block, useful))
         return cls(num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
                    num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
-                   layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching)
+                   layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching,
+                   max_context=max_context(mc))
 
     # ------------------------------------------------------------------ pool
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +125,7 @@ class PagedAttentionCache:
         """Give the request's blocks back; an unknown ``request_id`` is a no-op (freeing twice
         is safe, which the fault paths rely on)."""
         check_request_id(request_id)
+        self.device_tables.release(request_id)
         for alloc in self.allocators:
             alloc.free_blocks(request_id)
 

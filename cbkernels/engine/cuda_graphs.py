@@ -18,7 +18,7 @@ next bucket and runs on static, preallocated buffers that each step overwrites w
   holds the first real row's newest token. The one key a dummy row reads is therefore a slot
   its owner has already written this step or before: finite, never garbage or NaN. Rows do
   not mix in a decoder forward outside attention, and their logits are dropped.
-* bounds: max_seqlen_q = 1 and max_seqlen_k = max_blocks_per_seq * block_size, host
+* bounds: max_seqlen_q = 1 and max_seqlen_k = table width * block_size, host
   constants fixed at capture, so the attention launch grid (and its split-KV choice) never
   changes and nothing syncs. A step whose block tables are wider, or whose batch is larger
   than the largest bucket, runs eagerly, as do prefill and mixed steps.
@@ -38,13 +38,15 @@ from typing import Optional
 import torch
 
 from ..attention.metadata import StepMetadata, StepPlan
-from .model_config import max_context
 
 # Powers of two up to here, then multiples of BUCKET_STEP (see the module docstring).
 SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STEP = 8
 # Beyond a few hundred rows a decode step is compute-bound: launch overhead no longer matters.
 MAX_GRAPH_BATCH = 512
+# The device block-table row that every padding sequence of a bucket reads (never a request id:
+# those are str ids the engine hands out or the caller chooses, and this one holds a NUL).
+PADDING_ROW_ID = "\x00padding"
 
 
 def resolve_use_cuda_graph(flag: Optional[bool], device: torch.device, backend: str) -> bool:
@@ -65,16 +67,6 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes)) + [max_batch]
 
 
-def max_blocks_per_seq(model, cache) -> int:
-    """Static block-table width: the longest context the model takes; with full attention
-    only, also no more blocks than the cache has (sliding rings keep stale columns, so their
-    tables grow with the sequence, not with the ring)."""
-    width = -(-max_context(model) // cache.block_size)
-    if all(a.sliding_window is None for a in cache.allocators):
-        width = min(width, cache.num_blocks)
-    return width
-
-
 class DecodeGraphs:
     """Padded static-buffer decode steps of one ``ModelRunner``, captured per bucket."""
 
@@ -84,9 +76,8 @@ class DecodeGraphs:
         self.runner = runner
         self.capture = capture
         self.buckets = bucket_sizes(max(1, min(max_batch, MAX_GRAPH_BATCH)))
-        self.width = max_blocks_per_seq(runner.model, runner.cache)
-        # bucket -> (ids [2, bucket] int64: input ids and positions, metadata): static buffers
-        self.static: dict[int, tuple[torch.Tensor, StepMetadata]] = {}
+        self.width = runner.cache.device_tables.width  # static block-table width of every bucket
+        self.static: dict[int, StepMetadata] = {}  # bucket -> the metadata a replay reads
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.bucket_steps: Counter = Counter()
@@ -108,35 +99,34 @@ class DecodeGraphs:
         """The step's plan padded to ``bucket`` rows and the static table width."""
         plan = self.runner.plan(requests, [1] * len(requests))
         pad = bucket - len(requests)
+        tables = self.runner.cache.device_tables
+        # Dummy rows read slot 0 of the block holding real row 0's newest token (see above):
+        # one table row, written this step, that every padding sequence points at.
+        dummy = tables.row(PADDING_ROW_ID)
+        newest = plan.positions[0] // plan.block_size
+        for g, alloc in enumerate(self.runner.cache.allocators):
+            plan.table_updates += (g, dummy, 0, alloc.block_table(requests[0].request_id)[newest])
         plan.input_ids += [0] * pad
         plan.positions += [0] * pad
         plan.seq_lens += [1] * pad
         plan.query_lens += [1] * pad
+        plan.rows += [dummy] * pad
         plan.num_decodes = bucket
+        plan.num_padding = pad
         plan.table_width = self.width
-        # Dummy rows read slot 0 of the block holding real row 0's newest token (see above).
-        newest = plan.positions[0] // plan.block_size
-        plan.table_fill = [tables[0][newest] for tables in plan.tables]
-        for g, anchor in enumerate(plan.table_fill):
-            plan.tables[g] += [[anchor]] * pad
-            plan.slots[g] += [-1] * pad
         return plan
 
     def _fill(self, requests, bucket: int) -> None:
-        plan = self.padded_plan(requests, bucket)
-        meta = self.runner.backend.build(plan)
-        ids = torch.tensor([plan.input_ids, plan.positions], dtype=torch.int64).to(self.runner.device)
+        meta = self.runner.backend.build(self.padded_plan(requests, bucket))
         static = self.static.get(bucket)
         if static is None:
-            self.static[bucket] = (ids, meta)
+            self.static[bucket] = meta
         else:
-            static[0].copy_(ids)
-            static[1].copy_(meta)
+            static.copy_(meta)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         """Logits [1, bucket, V] of the padded step held in the static buffers."""
-        ids, meta = self.static[bucket]
-        return self.runner.forward(ids[0:1], ids[1:2], meta, 0)
+        return self.runner.forward(self.static[bucket], 0)
 
     # ------------------------------------------------------------------ capture and replay
     def _capture(self, bucket: int) -> Optional[tuple]:

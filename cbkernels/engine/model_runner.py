@@ -46,29 +46,31 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, limit)
 
     def plan(self, requests: list[Request], num_tokens: list[int]) -> StepPlan:
-        """Host plan of a step; ``requests`` must list one-row requests first."""
-        bs = self.cache.block_size
-        ids, positions, seq_lens = [], [], []
+        """Host plan of a step; ``requests`` must list one-row requests first. Work per
+        request is O(1) for a decode (block tables stay on the device; only entries appended
+        since the last step are sent)."""
+        tables, allocators = self.cache.device_tables, self.cache.allocators
+        ids, positions, seq_lens, rows, updates = [], [], [], [], []
         for req, n in zip(requests, num_tokens):
             start = req.num_computed
-            ids.extend(req.tokens[start:start + n])
-            positions.extend(range(start, start + n))
+            if n == 1:
+                ids.append(req.tokens[start])
+                positions.append(start)
+            else:
+                ids += req.tokens[start:start + n]
+                positions += range(start, start + n)
             seq_lens.append(start + n)
-        tables, slots = [], []
-        for alloc in self.cache.allocators:
-            rows = [alloc.block_table(r.request_id) for r in requests]
-            tables.append(rows)
-            slots.append([t[p // bs] * bs + p % bs for t, r, n in zip(rows, requests, num_tokens)
-                          for p in range(r.num_computed, r.num_computed + n)])
-        return StepPlan(ids, positions, seq_lens, list(num_tokens), tables, slots,
-                        [a.sliding_window for a in self.cache.allocators], bs,
+            rid = req.request_id
+            rows.append(tables.pending_updates(rid, [a.block_table(rid) for a in allocators], updates))
+        return StepPlan(ids, positions, seq_lens, list(num_tokens), rows, updates,
+                        [a.sliding_window for a in allocators], self.cache.block_size,
                         num_decodes=sum(1 for n in num_tokens if n == 1))
 
-    def forward(self, input_ids, position_ids, meta: StepMetadata, logits_to_keep) -> torch.Tensor:
-        """Model forward over one packed step: logits [1, S, V]."""
+    def forward(self, meta: StepMetadata, logits_to_keep) -> torch.Tensor:
+        """Model forward over one packed step (inputs in ``meta``): logits [1, S, V]."""
         self.backend.layer_calls = 0
         start = time.perf_counter()
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=self._no_mask,
+        out = self.model(input_ids=meta.input_ids, position_ids=meta.position_ids, attention_mask=self._no_mask,
                          use_cache=False, logits_to_keep=logits_to_keep, **self.backend.forward_kwargs(meta))
         if self.backend.layer_calls != self.cache.num_layers:
             raise RuntimeError(
@@ -116,11 +118,10 @@ class ModelRunner:
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
         plan = self.plan(requests, num_tokens)
         meta = self.backend.build(plan)
-        ids = torch.tensor([plan.input_ids, plan.positions], dtype=torch.int64).to(self.device)
         if not sampling:
             rows = [0]  # logits unused
         else:
             cu = plan.cu_seqlens_q  # host ints: no device-to-host read
             rows = [cu[i + 1] - 1 for i in sampling]
-        keep = torch.tensor(rows, dtype=torch.int64).to(self.device)
-        return self.forward(ids[0:1], ids[1:2], meta, keep)[0]  # [S, V]
+        keep = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        return self.forward(meta, keep)[0]  # [S, V]
