@@ -172,10 +172,13 @@ class PagedAttentionCache:
 
     def reserve(self, req, n_tokens: int) -> None:
         """Give the request slots for its next ``n_tokens`` tokens (OutOfBlocks if short)."""
+        new_len = req.num_computed + n_tokens
+        rid = req.request_id
+        if all(len(a.tables.get(rid, ())) * self.block_size >= new_len for a in self.allocators):
+            return  # the common decode step: its blocks already hold the new token
         need = self.blocks_needed(req, n_tokens)
         if need > self.pool.num_free():
             raise OutOfBlocks(f"request {req.request_id} needs {need} blocks, {self.pool.num_free()} free")
-        new_len = req.num_computed + n_tokens
         for a in self.allocators:
             have = len(a.block_table(req.request_id))
             missing = -(-new_len // self.block_size) - have
