@@ -108,7 +108,7 @@ class ModelRunner:
         sampled_at = time.perf_counter()
         result: list[Optional[int]] = [None] * len(order)
         if sampling:
-            tokens = sample(logits, [requests[i].params for i in sampling], self.generator)
+            tokens = sample(logits, [requests[i] for i in sampling], self.generator)
             for i, token in zip(sampling, tokens):
                 result[order[i]] = token
         self.timing["sample"] = time.perf_counter() - sampled_at

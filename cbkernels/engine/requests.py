@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
 
 class RequestStatus(str, Enum):
@@ -38,27 +38,97 @@ class IllegalTransition(RuntimeError):
 
 @dataclass(slots=True)
 class SamplingParams:
+    """What one request asks of the sampler and the stop checks, resolved for its prompt.
+
+    Every field has the value that changes nothing (temperature 1, penalty 1, no banned tokens,
+    ...), so a row without a setting runs the same batched code as a row with it.
+    ``cbkernels.engine.hf_config.GenerationSpec`` fills these from a ``GenerationConfig``
+    the way ``model.generate()`` resolves it."""
+
     max_new_tokens: int = 16
     eos_token_ids: tuple[int, ...] = ()
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # EOS is banned until this many tokens were generated
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()  # banned for the first generated token only
+    forced_bos_token_id: Optional[int] = None  # forced as the first token after a one-token prompt
+    forced_eos_token_ids: tuple[int, ...] = ()  # forced as the last token (at max_new_tokens)
+    stop_check: Optional[Callable[[list[int]], bool]] = None  # stop strings: True when tokens end one
+    num_return_sequences: int = 1
+    return_logprobs: bool = False
+    top_logprobs: int = 0  # alternatives returned per token (with their log-probabilities)
 
     @classmethod
-    def from_generation_config(cls, gc) -> "SamplingParams":
-        eos = gc.eos_token_id
-        eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
-        max_new = gc.max_new_tokens if gc.max_new_tokens is not None else 20
+    def from_generation_config(cls, gc, prompt_len: Optional[int] = None, **extra) -> "SamplingParams":
+        """Read the fields of ``gc`` as they stand (no merging with a model's defaults, which
+        ``GenerationSpec`` does first). ``max_length`` / ``min_length`` count the prompt, so
+        they are used only when ``prompt_len`` is given; ``max_new_tokens`` None means 20."""
+        eos = _ids(gc.eos_token_id)
+        if gc.max_new_tokens is not None:
+            max_new = gc.max_new_tokens
+        elif prompt_len is not None and gc.max_length is not None:
+            max_new = gc.max_length - prompt_len
+        else:
+            max_new = 20
+        min_new = gc.min_new_tokens
+        if min_new is None:
+            min_new = max(0, (gc.min_length or 0) - prompt_len) if prompt_len is not None else 0
+        # generate() drops a bad word that is exactly one EOS token (EOS stays reachable).
+        bad = tuple(tuple(w) for w in (gc.bad_words_ids or ()) if not (len(w) == 1 and w[0] in eos))
         return cls(
             max_new_tokens=int(max_new), eos_token_ids=eos, do_sample=bool(gc.do_sample),
             temperature=float(gc.temperature if gc.temperature is not None else 1.0),
             top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0),
+            min_p=float(gc.min_p or 0.0),
+            repetition_penalty=float(gc.repetition_penalty if gc.repetition_penalty is not None else 1.0),
+            min_new_tokens=int(min_new), no_repeat_ngram_size=int(gc.no_repeat_ngram_size or 0),
+            bad_words_ids=bad, suppress_tokens=_ids(gc.suppress_tokens),
+            begin_suppress_tokens=_ids(gc.begin_suppress_tokens), forced_bos_token_id=gc.forced_bos_token_id,
+            forced_eos_token_ids=_ids(gc.forced_eos_token_id),
+            num_return_sequences=int(gc.num_return_sequences or 1), **extra,
         )
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when some logits processor (beyond the sampling warpers) changes this row."""
+        return bool(self.repetition_penalty != 1.0 or (self.min_new_tokens and self.eos_token_ids)
+                    or self.no_repeat_ngram_size or self.bad_words_ids or self.suppress_tokens
+                    or self.begin_suppress_tokens or self.forced_bos_token_id is not None
+                    or self.forced_eos_token_ids)
+
+
+def _ids(value) -> tuple[int, ...]:
+    """None, one id or a list of ids -> a tuple of ids."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+class SampledToken(int):
+    """A sampled token id that also carries its log-probability (``logprob``) and, when
+    asked for, the most likely alternatives (``top``: ``[(token, logprob), ...]``). It is an
+    int everywhere else, so code that only wants the token never notices."""
+
+    logprob: Optional[float]
+    top: Optional[list[tuple[int, float]]]
+
+    def __new__(cls, token: int, logprob: Optional[float] = None, top=None):
+        obj = super().__new__(cls, token)
+        obj.logprob, obj.top = logprob, top
+        return obj
 
 
 @dataclass(slots=True, eq=False)
@@ -88,6 +158,11 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     prefix_hit_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)  # one per generated token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # num_return_sequences > 1: the siblings that wait to adopt this request's prompt blocks
+    # once it has computed all but the prompt's last token (the scheduler forks them then).
+    pending_children: list["Request"] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -114,6 +189,12 @@ class Request:
         self.finish_time = time.perf_counter()
 
     def append_token(self, token: int, now: float) -> None:
+        if isinstance(token, SampledToken):
+            if token.logprob is not None:
+                self.logprobs.append(token.logprob)
+            if token.top is not None:
+                self.top_logprobs.append(token.top)
+            token = int(token)
         self.tokens.append(token)
         self.token_times.append(now)
         if self.first_token_time is None:
@@ -124,6 +205,8 @@ class Request:
         gen = len(self.tokens) - self.prompt_len
         if gen and self.tokens[-1] in self.params.eos_token_ids:
             return "eos"
+        if gen and self.params.stop_check is not None and self.params.stop_check(self.tokens):
+            return "stop"
         if gen >= self.params.max_new_tokens:
             return "length"
         return None
@@ -137,11 +220,22 @@ class Request:
             generated_tokens=list(self.generated), status=self.status, error=self.error,
             finish_reason=self.finish_reason, ttft_s=ttft, itl_s=itl, e2e_s=e2e,
             num_preemptions=self.num_preemptions, prefix_hit_tokens=self.prefix_hit_tokens,
+            logprobs=list(self.logprobs), top_logprobs=[list(t) for t in self.top_logprobs] or None,
+            created_time=self.arrival_time,
+            lifespan=(self.first_scheduled_time if self.first_scheduled_time is not None else -1,
+                      self.finish_time if self.finish_time is not None else -1),
+            timestamps=list(self.token_times),
         )
 
 
 @dataclass(slots=True)
 class RequestOutput:
+    """What a request produced. The fields of transformers' ``GenerationOutput`` (request_id,
+    prompt_ids, generated_tokens, logprobs, error, status, created_time, lifespan,
+    timestamps, ``is_finished()``) and cbkernels' own: finish_reason ("eos", "stop" for a stop
+    string, "length", "cancelled", "error"), latencies, preemptions, prefix-cache hits and
+    the top alternatives of each token (``top_logprobs``, when asked for)."""
+
     request_id: str
     prompt_ids: list[int]
     generated_tokens: list[int]
@@ -153,6 +247,15 @@ class RequestOutput:
     e2e_s: Optional[float] = None  # arrival to finish
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)  # log-probability of each generated token
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: [(token, logprob), ...]
+    created_time: float = 0.0  # time.perf_counter() at arrival
+    lifespan: tuple[float, float] = (-1, -1)  # (first scheduled, finished); -1 while not yet
+    timestamps: Optional[list[float]] = None  # time.perf_counter() of each generated token
+
+    def is_finished(self) -> bool:
+        """Finished, cancelled or failed (transformers' ``GenerationOutput.is_finished``)."""
+        return self.status in _TERMINAL
 
     @property
     def mean_itl_s(self) -> Optional[float]:

@@ -1,46 +1,111 @@
-"""Next-token sampling for the rows that sample: greedy, temperature, top-k, top-p."""
+"""Next tokens for a step's sampled rows: logits processing, sampling warpers, the draw.
+
+One batched pass over all rows, each row with its own settings as tensors:
+
+* ``process_logits`` (``logits_processing.py``): generate()'s logits processors;
+* the warpers generate() adds when ``do_sample`` is on, in its order: temperature, top-k,
+  top-p, min-p. A greedy row carries the neutral values (temperature 1, top-k off, top-p 1,
+  min-p 0), which leave its scores bit-for-bit unchanged; one sort serves top-k and top-p;
+* greedy rows take the argmax, sampling rows one ``torch.multinomial`` draw together;
+* log-probabilities (when a row asks for them) are the log-softmax of the final scores, the
+  scores ``generate(output_scores=True)`` reports.
+
+The chosen tokens (and their log-probabilities) come back to the host in one copy per step.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
 
-from .requests import SamplingParams
+from .logits_processing import NEG_INF, process_logits
+from .requests import Request, SampledToken
 
 
-def _filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if 0 < k < logits.shape[-1]:
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits
+def _to(device, values, dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches ``p`` (the most
-    likely token always stays)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    drop_sorted = mass_before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def warp(scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """generate()'s sampling warpers on ``scores [S, V]``; rows that do not sample (or set no
+    warper) come back unchanged."""
+    params = [r.params for r in requests]
+    vocab, device = scores.shape[-1], scores.device
+    sampling = [not p.greedy for p in params]
+    temperature = [p.temperature if s else 1.0 for p, s in zip(params, sampling)]
+    top_k = [min(p.top_k, vocab) if s and p.top_k > 0 else vocab for p, s in zip(params, sampling)]
+    top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampling)]
+    min_p = [p.min_p if s else 0.0 for p, s in zip(params, sampling)]
+    if any(t != 1.0 for t in temperature):
+        scores = scores / _to(device, temperature, scores.dtype).unsqueeze(1)
+    cut_k, cut_p = any(k < vocab for k in top_k), any(p < 1.0 for p in top_p)
+    if cut_k or cut_p:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        if cut_k:  # below the k-th largest score (ties with it stay)
+            kth = sorted_scores.gather(1, _to(device, top_k, torch.int64).unsqueeze(1) - 1)
+            scores = scores.masked_fill(scores < kth, NEG_INF)
+            sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, NEG_INF)
+        if cut_p:
+            # generate()'s TopPLogitsWarper works on the ascending order: it drops the tokens
+            # whose cumulative probability, counted from the least likely, stays <= 1 - top_p,
+            # and always keeps the most likely one.
+            ascending = sorted_scores.flip(-1)
+            cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+            p = _to(device, top_p, scores.dtype).unsqueeze(1)
+            drop = (cumulative <= 1 - p) & (p < 1.0)
+            drop[:, -1] = False
+            removed = torch.zeros_like(drop).scatter_(1, order, drop.flip(-1))
+            scores = scores.masked_fill(removed, NEG_INF)
+    if any(m > 0.0 for m in min_p):  # below min_p times the most likely token's probability
+        probs = scores.softmax(dim=-1)
+        floor = _to(device, min_p, scores.dtype).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(probs < floor, NEG_INF)
+    return scores
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """One token from ``logits [V]``."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    scores = logits.float() / max(params.temperature, 1e-6)
-    scores = _filter_top_p(_filter_top_k(scores, params.top_k), params.top_p)
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _unpack(host: list[float], n: int, k: int, top_rows: list[int], requests) -> list[int]:
+    """Split the one host copy into tokens, log-probabilities and top alternatives."""
+    tokens = [int(t) for t in host[:n]]
+    logprobs = host[n:2 * n]
+    out = []
+    for i, (r, token) in enumerate(zip(requests, tokens)):
+        p = r.params
+        if not (p.return_logprobs or p.top_logprobs):
+            out.append(token)
+            continue
+        top = None
+        if p.top_logprobs:
+            base = 2 * n + top_rows.index(i) * 2 * k
+            ids, vals = host[base:base + k], host[base + k:base + 2 * k]
+            top = [(int(t), v) for t, v in zip(ids[:p.top_logprobs], vals[:p.top_logprobs])]
+        out.append(SampledToken(token, logprobs[i], top))
+    return out
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generator: Optional[torch.Generator]) -> list[int]:
-    """Tokens for ``logits [S, V]``, row i drawn with ``params[i]``. All-greedy batches take
-    one argmax (one device-to-host copy)."""
-    if all(p.greedy for p in params):
-        return torch.argmax(logits, dim=-1).tolist()
-    return [sample_row(logits[i], p, generator) for i, p in enumerate(params)]
+def sample(logits: torch.Tensor, requests: Sequence[Request], generator: Optional[torch.Generator]) -> list[int]:
+    """Next token of every row of ``logits [S, V]``, row i for ``requests[i]`` (whose
+    ``tokens`` are its history up to this step). Rows that ask for log-probabilities get a
+    ``SampledToken`` carrying them."""
+    params = [r.params for r in requests]
+    want_logprobs = any(p.return_logprobs or p.top_logprobs for p in params)
+    if not want_logprobs and all(p.greedy and not p.processes_logits for p in params):
+        return torch.argmax(logits, dim=-1).tolist()  # the common greedy step
+    scores = process_logits(logits.float(), requests)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        scores = warp(scores, requests)
+    tokens = torch.argmax(scores, dim=-1)
+    if drawn:
+        index = _to(scores.device, drawn, torch.int64)
+        probs = scores.index_select(0, index).softmax(dim=-1)
+        tokens = tokens.index_copy(0, index, torch.multinomial(probs, 1, generator=generator).squeeze(1))
+    if not want_logprobs:
+        return tokens.tolist()
+    logp = scores.log_softmax(dim=-1)
+    parts = [tokens.double(), logp.gather(1, tokens.unsqueeze(1)).squeeze(1).double()]
+    top_rows = [i for i, p in enumerate(params) if p.top_logprobs]
+    k = min(max((params[i].top_logprobs for i in top_rows), default=0), logp.shape[-1])
+    if k:
+        top = logp.index_select(0, _to(scores.device, top_rows, torch.int64)).topk(k, dim=-1)
+        parts.append(torch.cat([top.indices.double(), top.values.double()], dim=1).flatten())
+    return _unpack(torch.cat(parts).tolist(), len(requests), k, top_rows, requests)
