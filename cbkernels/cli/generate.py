@@ -75,6 +75,8 @@ def metrics_rows(outputs, wall_s: float, engine_metrics: dict) -> list[tuple[str
         ("TTFT p50 / p90", f"{ms(ttft, 0.5)} / {ms(ttft, 0.9)}"),
         ("ITL p50 / p90", f"{ms(itl, 0.5)} / {ms(itl, 0.9)}"),
         ("end-to-end p50 / p90", f"{ms(e2e, 0.5)} / {ms(e2e, 0.9)}"),
+        ("KV cache", f"{engine_metrics['cache_tokens']} tokens, {engine_metrics['cache_gib'] * 1024:.1f} MiB "
+                     f"({engine_metrics['cache_sizing']})"),
         ("peak cache occupancy", f"{100 * engine_metrics['cache_peak_occupancy']:.0f}% of {engine_metrics['cache_num_blocks']} blocks"),
         ("prefix cache hit rate", f"{100 * engine_metrics['prefix_hit_rate']:.0f}%"),
         ("padding saved vs padded steps", f"{100 * engine_metrics['padding_saved']:.0f}%"),
@@ -149,6 +151,8 @@ def run_generate(args) -> int:
             print(f"\n[{i}] {shown}")
             print(f"    error: {out.error}" if out.error else "    " + answer.strip().replace("\n", "\n    "))
     metrics = engine.metrics()
+    metrics["cache_sizing"] = ("--num-blocks" if args.num_blocks else
+                               f"sized to the workload: {len(encoded)} prompt(s) at their longest + {CACHE_SLACK_BLOCKS} blocks")
     rows = metrics_rows(outputs, wall, metrics)
     print_table(rows)
     if args.json:

@@ -2,7 +2,6 @@
 the per-request bookkeeping (prefix-cache matching, copy-on-write, slots, block tables)."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -10,20 +9,8 @@ import torch
 from .allocators import BlockPool, CacheAllocator, FullAttentionCacheAllocator, OutOfBlocks, SlidingAttentionCacheAllocator
 from .inputs import check_count, check_request_id
 from .block_tables import DeviceBlockTables, table_width
+from .cache_sizing import CacheSize, profile_activation_peak, resolve_config, size_cache
 from .model_config import DEFAULT_MAX_CONTEXT, max_context, text_config
-
-# Fallback when the machine's free memory cannot be read (e.g. an exotic OS).
-_UNKNOWN_FREE_BYTES = 4 << 30
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return _UNKNOWN_FREE_BYTES
-
 
 def layer_windows_of(config) -> list[Optional[int]]:
     """Sliding window of every decoder layer (None: full attention), from ``layer_types``
@@ -78,25 +65,33 @@ class PagedAttentionCache:
             device)
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        per_block = num_layers * 2 * block_size * num_kv_heads * head_dim * self.kv.element_size() if num_layers else 0
+        self.size = CacheSize(num_blocks, per_block, block_size, "num_blocks given")
 
     @classmethod
-    def for_model(cls, model, config) -> "PagedAttentionCache":
+    def for_model(cls, model, config, *, mem_info=None, profile_peak_bytes=None) -> "PagedAttentionCache":
+        """The cache for ``model`` under ``config`` (its device-dependent defaults resolved
+        first, ``cache_sizing.resolve_config``); ``mem_info`` / ``profile_peak_bytes`` replace the
+        CUDA measurements (tests)."""
         mc = text_config(model)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
         param = next(model.parameters())
         device = torch.device(config.device) if config.device is not None else param.device
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            per_block = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * param.element_size()
-            budget = min(config.max_cache_bytes, int(config.memory_fraction * free_memory_bytes(device)))
-            # No more than every running request at the model's longest context could use.
-            useful = config.max_num_seqs * -(-max_context(mc) // config.block_size)
-            num_blocks = max(1, min(budget // per_block, useful))
-        return cls(num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
-                   num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
-                   layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching,
-                   max_context=max_context(mc))
+        config = resolve_config(config, device)
+        block_bytes = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * param.element_size()
+        if profile_peak_bytes is None and config.gpu_memory_utilization is not None and config.num_blocks is None:
+            logits = min(config.max_num_seqs, config.max_batch_tokens)
+            profile_peak_bytes = lambda: profile_activation_peak(model, config.max_batch_tokens, logits)  # noqa: E731
+        size = size_cache(config, block_bytes=block_bytes, device=device, mem_info=mem_info,
+                          profile_peak_bytes=profile_peak_bytes,
+                          max_useful_blocks=config.max_num_seqs * -(-max_context(mc) // config.block_size))
+        cache = cls(size.num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
+                    num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
+                    layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching,
+                    max_context=max_context(mc))
+        cache.size = size
+        return cache
 
     # ------------------------------------------------------------------ pool
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,11 +17,16 @@ class BatchConfig:
     """Configuration of :class:`cbkernels.Engine`. A field of the wrong type raises
     ``TypeError``, a value of the right type out of range ``ValueError``; both name the field.
 
-    * ``num_blocks``: physical KV blocks per layer; ``None`` sizes the cache from a memory
-      budget (``memory_fraction`` of free memory, capped at ``max_cache_bytes``).
+    * ``num_blocks``: physical KV blocks per layer; ``None`` sizes the cache
+      (``cbkernels.engine.cache_sizing``): on CUDA from ``gpu_memory_utilization`` (default
+      0.9) of the device, less what is in use and one maximal step's activation peak;
+      otherwise, or when ``memory_fraction`` / ``max_cache_bytes`` is set, from
+      ``memory_fraction`` (default 0.1) of free memory capped at ``max_cache_bytes``
+      (default 2 GiB). ``engine.metrics()["cache_sizing"]`` says which rule chose the size.
     * ``max_batch_tokens``: token budget of one step (decodes + prefill chunks); prompts
       longer than what is left of it are prefilled in chunks (split prefill).
-    * ``max_num_seqs``: at most this many requests run at once.
+    * ``max_num_seqs``: at most this many requests run at once (default: 256 on CUDA, 64
+      elsewhere; more than the cache's blocks is an error).
     * ``backend``: which attention code the engine runs. ``"auto"`` follows
       the public ops (CUDA -> Triton, CPU -> Triton interpreter if ``TRITON_INTERPRET=1``,
       else the vectorised PyTorch path); ``"torch"`` forces the PyTorch path on CPU (it is
@@ -39,25 +44,28 @@ class BatchConfig:
     max_batch_tokens: int = 1024
     scheduler: str = "fifo"
     prefix_caching: bool = True
-    max_num_seqs: int = 64
+    max_num_seqs: Optional[int] = None
     backend: str = "auto"
-    memory_fraction: float = 0.1
-    max_cache_bytes: int = 2 << 30
+    memory_fraction: Optional[float] = None
+    max_cache_bytes: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = None
     seed: Optional[int] = None
     device: Optional[torch.device] = None
     use_cuda_graph: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_batch_tokens", "max_num_seqs", "max_cache_bytes"):
+        for name in ("block_size", "max_batch_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        for name in ("num_blocks", "seed"):
+        for name in ("num_blocks", "seed", "max_num_seqs", "max_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-        if isinstance(self.memory_fraction, bool) or not isinstance(self.memory_fraction, (int, float)):
-            raise TypeError(f"memory_fraction must be a number, got {type(self.memory_fraction).__name__}")
+        for name in ("memory_fraction", "gpu_memory_utilization"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
         for name in ("scheduler", "backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
@@ -71,11 +79,19 @@ class BatchConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 or None, got {self.max_num_seqs}")
+        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
+            raise ValueError(f"max_cache_bytes must be >= 1 or None, got {self.max_cache_bytes}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not 0.0 < self.memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        for name in ("memory_fraction", "gpu_memory_utilization"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] or None, got {value}")
+        if self.gpu_memory_utilization is not None and (self.memory_fraction is not None
+                                                        or self.max_cache_bytes is not None):
+            raise ValueError("gpu_memory_utilization and memory_fraction / max_cache_bytes are two ways to size "
+                             "the cache: set one")

@@ -12,6 +12,12 @@ Reliability contract:
   are not lists of int token ids or a ``generation_config`` that is not a GenerationConfig,
   ``ValueError`` for out-of-range sampling numbers or a reused ``request_id``, ``KeyError``
   for an unknown ``request_id`` (see ``cbkernels.engine.inputs``).
+* Generation configs resolve as ``model.generate()`` resolves them (``hf_generation``): the
+  model's generation config fills what the passed one leaves unset; a field the engine does
+  not implement warns (``IgnoredSettingWarning``). ``config`` may be transformers'
+  ``ContinuousBatchingConfig`` (``hf_config``). ``num_return_sequences = n`` gives n
+  requests per prompt (``<id>``, ``<id>__child#0``, ...): the prompt is prefilled once and
+  the others adopt its cache blocks.
 * A problem of one prompt (empty, a token id outside the vocabulary, longer than the
   model's positions or the cache, ``max_new_tokens <= 0``) makes that request FAILED with a
   reason on ``.error``; the others run.
@@ -27,6 +33,7 @@ Reliability contract:
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -37,24 +44,34 @@ import torch
 from ..attention.integration import NAME, register
 from ..attention.registry import make_backend
 from .cache import PagedAttentionCache
+from .cache_sizing import check_max_num_seqs, resolve_config
 from .config import BatchConfig
-from .inputs import check_generation_config, check_inputs, check_prompt, prompt_problem
+from .hf_config import choose_config, engine_config
+from .hf_generation import GenerationSpec
+from .inputs import check_count, check_inputs, check_prompt, prompt_problem
 from .metrics import EngineMetrics
 from .model_config import text_config
 from .model_runner import ModelRunner
-from .requests import Request, RequestOutput, SamplingParams
+from .requests import Request, RequestOutput
 from .scheduler import make_scheduler
 from .serving import WAIT_RECHECK_S, ServingLoop
 
 
 class Engine:
-    def __init__(self, model, config: Optional[BatchConfig] = None):
-        if config is not None and not isinstance(config, BatchConfig):
-            raise TypeError(f"config must be a cbkernels.BatchConfig or None, got {type(config).__name__}")
+    def __init__(self, model, config=None, *, tokenizer=None):
+        """``config``: a ``BatchConfig``, transformers' ``ContinuousBatchingConfig`` (translated,
+        see ``hf_config``) or None. ``tokenizer``: used for ``stop_strings``."""
+        config, self.options = engine_config(model, config)
+        self.tokenizer = tokenizer
         register()
         self.model = model
-        self.config = config if config is not None else BatchConfig()
+        requested = config if config is not None else BatchConfig()
+        device = torch.device(requested.device) if requested.device is not None else next(model.parameters()).device
+        # The effective configuration: device-dependent defaults filled in (cache_sizing).
+        self.config = resolve_config(requested, device)
         self.cache = PagedAttentionCache.for_model(model, self.config)
+        self.config.max_num_seqs = check_max_num_seqs(requested.max_num_seqs, self.config.max_num_seqs,
+                                                      self.cache.num_blocks)
         mc = text_config(model)
         self.attention = make_backend(self.config.backend, self.cache, mc.num_attention_heads)
         self.backend = self.attention.name
@@ -124,10 +141,20 @@ class Engine:
                     self._restore()
 
     # ---------------------------------------------------------------- requests
-    def _params(self, generation_config) -> SamplingParams:
-        gc = generation_config if generation_config is not None else self.model.generation_config
-        check_generation_config(gc)
-        return SamplingParams.from_generation_config(gc)
+    def _spec(self, generation_config, tokenizer=None, return_logprobs=None, top_logprobs=0) -> GenerationSpec:
+        if return_logprobs is not None and not isinstance(return_logprobs, bool):
+            raise TypeError(f"return_logprobs must be True, False or None, got {return_logprobs!r}")
+        check_count("top_logprobs", top_logprobs)
+        return GenerationSpec(self.model, generation_config, tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                              strict=not self.options.drop_unsupported_processors, vocab_size=self._vocab_size,
+                              return_logprobs=self.options.return_logprobs if return_logprobs is None else return_logprobs,
+                              top_logprobs=top_logprobs)
+
+    def sequence_ids(self, request_id: str) -> list[str]:
+        """The ids of a request and of its num_return_sequences - 1 siblings, in output order."""
+        with self._lock:
+            self._request(request_id)
+            return self._family_ids(request_id)
 
     def _request(self, request_id: str) -> Request:
         try:
@@ -135,29 +162,47 @@ class Engine:
         except (KeyError, TypeError):
             raise KeyError(f"unknown request_id {request_id!r}") from None
 
-    def add_request(self, prompt_ids: Sequence[int], generation_config=None, request_id: Optional[str] = None) -> str:
-        """Queue one prompt; returns its id. Raises TypeError/ValueError for misuse (see the
-        module docstring); a prompt that cannot run is recorded as FAILED with a reason."""
+    def add_request(self, prompt_ids: Sequence[int], generation_config=None, request_id: Optional[str] = None, *,
+                    return_logprobs: Optional[bool] = None, top_logprobs: int = 0, tokenizer=None) -> str:
+        """Queue one prompt; returns its id (with num_return_sequences = n, the first of
+        ``sequence_ids(id)``). Raises TypeError/ValueError for misuse (see the module
+        docstring), ``queue.Full`` past ``max_queue_size`` waiting requests; a prompt that
+        cannot run is recorded as FAILED with a reason. ``return_logprobs`` (None: the
+        engine's setting) / ``top_logprobs`` add log-probabilities to the output."""
         tokens = check_prompt(prompt_ids)
-        params = self._params(generation_config)
+        spec = self._spec(generation_config, tokenizer, return_logprobs, top_logprobs)
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__}")
         with self._lock:
-            return self._add(tokens, params, request_id)
+            limit = self.options.max_queue_size
+            if limit and len(self.scheduler.waiting) >= limit:
+                raise queue.Full(f"{len(self.scheduler.waiting)} requests are waiting: max_queue_size is {limit}")
+            return self._add(tokens, spec, request_id)
 
-    def _add(self, tokens: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+    def _add(self, tokens: list[int], spec: GenerationSpec, request_id: Optional[str] = None) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
-            raise ValueError(f"request_id {rid!r} is already in use")
+        params = spec.params(len(tokens))
+        ids = [rid] + [f"{rid}__child#{i}" for i in range(params.num_return_sequences - 1)]
+        used = [i for i in ids if i in self.requests]
+        if used:
+            raise ValueError(f"request_id {used[0]!r} is already in use")
         req = Request(rid, len(tokens), tokens, params, arrival_step=self.num_steps)
-        self.requests[rid] = req
+        family = [req] + [Request(i, len(tokens), list(tokens), params, arrival_step=self.num_steps,
+                                  arrival_time=req.arrival_time) for i in ids[1:]]
+        for r in family:
+            self.requests[r.request_id] = r
         problem = prompt_problem(tokens, params.max_new_tokens, vocab_size=self._vocab_size,
                                  max_positions=self._max_positions, can_ever_fit=self.cache.can_ever_fit)
         if problem is not None:
-            req.fail(problem)
-            self._stats.record_request(req.to_output())
-        else:
+            for r in family:
+                r.fail(problem)
+                self._stats.record_request(r.to_output())
+        elif len(family) > 1 and len(tokens) > 1:  # the siblings wait to adopt the prompt's blocks
+            req.pending_children = family[1:]
             self.scheduler.add(req)
+        else:
+            for r in family:
+                self.scheduler.add(r)
         self._changed.notify_all()
         return rid
 
@@ -263,19 +308,21 @@ class Engine:
                 self.scheduler.fail(req, reason)
                 self._stats.record_request(req.to_output())
 
-    def generate(self, inputs: Sequence[Sequence[int]], generation_config=None, *,
-                 progress_bar: bool = False) -> list[RequestOutput]:
+    def generate(self, inputs: Sequence[Sequence[int]], generation_config=None, *, progress_bar: bool = False,
+                 return_logprobs: Optional[bool] = None, top_logprobs: int = 0, tokenizer=None) -> list[RequestOutput]:
         """Generate for every prompt (lists of token ids); outputs in input order.
 
         Misuse of the call (``inputs`` not a list of int lists, a bad ``generation_config``)
         raises TypeError/ValueError before anything is queued. Problems of single prompts
         and faults during a step do not raise: they land on that output's ``.error``. An
         interrupt (KeyboardInterrupt) fails and frees this call's requests, then propagates.
-        ``progress_bar`` shows a tqdm bar of finished requests on stderr."""
+        ``progress_bar`` shows a tqdm bar of finished requests on stderr. With
+        num_return_sequences = n the list holds n outputs per prompt, one prompt after the
+        other."""
         prompts = check_inputs(inputs)
-        params = self._params(generation_config)
+        spec = self._spec(generation_config, tokenizer, return_logprobs, top_logprobs)
         with self._lock:
-            ids = [self._add(p, params) for p in prompts]
+            ids = [i for p in prompts for i in self._family_ids(self._add(p, spec))]
         reqs = [self.requests[rid] for rid in ids]
         try:
             with self._attention():
@@ -287,6 +334,10 @@ class Engine:
             raise
         # The outputs go to the caller; the engine keeps nothing of a finished generate call.
         return [self.pop_result(rid) for rid in ids]
+
+    def _family_ids(self, request_id: str) -> list[str]:
+        n = self.requests[request_id].params.num_return_sequences
+        return [request_id] + [f"{request_id}__child#{i}" for i in range(n - 1)]
 
     def _drive_until_done(self, reqs: list[Request], progress_bar: bool) -> None:
         import sys
@@ -312,9 +363,21 @@ class Engine:
             snapshot = self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                                             cache=self.cache)
             snapshot.update(self.runner.graph_stats())
+            size = self.cache.size
+            snapshot.update(cache_tokens=size.tokens, cache_gib=size.bytes / float(1 << 30), cache_sizing=size.how,
+                            max_num_seqs=self.config.max_num_seqs)
             return snapshot
 
 
-def generate_batch(model, inputs, generation_config=None, config: Optional[BatchConfig] = None) -> list[RequestOutput]:
-    """One-shot ``Engine(model, config).generate(inputs, generation_config)``."""
-    return Engine(model, config).generate(inputs, generation_config)
+def generate_batch(model, inputs, generation_config=None, continuous_batching_config=None, *,
+                   config: Optional[BatchConfig] = None, progress_bar: bool = False, tokenizer=None,
+                   return_logprobs: Optional[bool] = None, top_logprobs: int = 0) -> list[RequestOutput]:
+    """One-shot ``Engine(model, config).generate(inputs, generation_config)``.
+
+    The configuration is ``config`` or ``continuous_batching_config`` (a BatchConfig or
+    transformers' ContinuousBatchingConfig; not both), else the continuous-batching settings
+    the generation config carries (deprecated routes, warned), else the defaults
+    (``hf_config.choose_config``)."""
+    chosen = choose_config(model, config, continuous_batching_config, generation_config)
+    return Engine(model, chosen, tokenizer=tokenizer).generate(
+        inputs, generation_config, progress_bar=progress_bar, return_logprobs=return_logprobs, top_logprobs=top_logprobs)
