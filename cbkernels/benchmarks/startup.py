@@ -3,6 +3,8 @@
 * ``help``: ``cbkernels --help`` (the import cost of the command line alone);
 * ``cold``: an empty model cache, so the run includes the one-time GGUF conversion;
 * ``warm``: later runs, loading the converted safetensors copy.
+* ``warm-1-thread``: a warm run with ``OMP_NUM_THREADS=1``: on a busy 2-core machine two torch
+  threads wait on each other, which stretches the generation, not the start-up.
 
 Each row splits the wall time into ``generation_s`` (the engine run, from generate's --json
 record) and ``startup_s`` (everything else: imports, model load or conversion, exit).
@@ -50,22 +52,25 @@ def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list
     rows = []
     with tempfile.TemporaryDirectory(prefix="cbkernels-startup-") as cache:
         env = dict(os.environ, **{CACHE_ENV: cache})
-        env.pop("TRITON_INTERPRET", None)  # as a user runs it
+        for name in ("TRITON_INTERPRET", "OMP_NUM_THREADS"):  # as a user runs it by default
+            env.pop(name, None)
         record = Path(cache) / "run.json"  # generate's own record: its generation time
         generate = ["generate", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS), "--quiet", "--json", str(record)]
-        plan = [("help", ["--help"])] + [("cold", generate)] + [("warm", generate)] * warm_runs
+        plan = ([("help", ["--help"])] + [("cold", generate)] + [("warm", generate)] * warm_runs
+                + [("warm-1-thread", generate)])
         for i, (name, args) in enumerate(plan, start=1):
             if progress:
                 print(f"[{i}/{len(plan)}] {name}: cbkernels {' '.join(args)}", file=sys.stderr, flush=True)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            seconds, proc = _timed(args, env)
+            run_env = dict(env, OMP_NUM_THREADS="1") if name == "warm-1-thread" else env
+            seconds, proc = _timed(args, run_env)
             if proc.returncode != 0:
                 raise RuntimeError(f"cbkernels {name} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
             answer = proc.stdout.strip().splitlines()[0] if name != "help" and proc.stdout.strip() else ""
             generation = json.loads(record.read_text())["wall_s"] if name != "help" else 0.0
             rows.append({"run": name, "wall_s": round(seconds, 2), "generation_s": round(generation, 2),
                          "startup_s": round(seconds - generation, 2), "cache_mb": _cache_mb(Path(cache)),
-                         "answer": answer[:60], "goal_s": GOAL_S if name == "warm" else "",
+                         "answer": answer[:60], "goal_s": GOAL_S if name.startswith("warm") else "",
                          "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "prompt": PROMPT if name != "help" else "",
                          "max_new_tokens": MAX_NEW_TOKENS if name != "help" else ""})
     print_table(rows, ["run", "wall_s", "startup_s", "generation_s", "cache_mb", "load_avg_1m", "answer"])
