@@ -121,8 +121,10 @@ class StepTensors:
         self.seq_lens, self.cu_seqlens_q = lens.to(torch.int32), cu_dev.to(torch.int32)
         self.rows = rows
         # The table row of every query token (its sequence's row), without a device sync.
-        counts = cu_dev[1:] - cu_dev[:-1]
-        self.token_rows = torch.repeat_interleave(rows, counts, output_size=t)
+        if t == b:  # one token per sequence (decodes)
+            self.token_rows = rows
+        else:
+            self.token_rows = torch.repeat_interleave(rows, cu_dev[1:] - cu_dev[:-1], output_size=t)
 
 
 def slot_mapping(tables: torch.Tensor, step: StepTensors, block_size: int, num_padding: int) -> torch.Tensor:

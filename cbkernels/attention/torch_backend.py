@@ -1,7 +1,7 @@
 """The PyTorch backend: the engine's path on a CPU without the Triton interpreter.
 
-Few large torch calls per layer: all decode rows attend in one SDPA call over a gathered,
-masked history ``[Bd, Hkv, Lmax, D]``; each prefill chunk runs one SDPA, straight on its
+Few large torch calls per layer: all decode rows attend in one SDPA call over a history
+gathered block by block and masked, ``[Bd, Hkv, Lpad, D]``; each prefill chunk runs one SDPA, straight on its
 new rows when it has no cached prefix. The gather indices and masks are built once per step
 (``build``) and shared by every layer. Softcap and sinks take the explicit fp32 path of
 ``cbkernels.ops.torch_path.paged_attention``.
@@ -21,8 +21,8 @@ from .metadata import GroupMetadata, StepMetadata, StepPlan
 
 @dataclass(slots=True)
 class TorchGroupMetadata(GroupMetadata):
-    decode_slots: Optional[torch.Tensor] = None  # [Bd, Lmax] int64 slots of each decode row's history
-    decode_mask: Optional[torch.Tensor] = None  # [Bd, 1, 1, Lmax] bool, True = attend; None: all
+    decode_blocks: Optional[torch.Tensor] = None  # [Bd, nb] int32 blocks of each decode row's history
+    decode_mask: Optional[torch.Tensor] = None  # [Bd, 1, 1, nb * block_size] bool, True = attend; None: all
     prefix_slots: list = field(default_factory=list)  # per prefill chunk: [L] int64 slots, None: no prefix
 
 
@@ -41,12 +41,13 @@ class TorchBackend(AttentionBackend):
         meta = TorchGroupMetadata(slots, block_tables, window)
         if nd:
             longest = plan.max_seqlen_k if plan.padded else max(plan.seq_lens[:nd])
-            pos = torch.arange(longest, device=dev)
-            meta.decode_slots = _positions_to_slots(block_tables[:nd], pos, bs)
+            nb = -(-longest // bs)
+            meta.decode_blocks = block_tables[:nd, :nb]  # whole blocks: nb indices a row, not nb * bs
             # Decided on host ints (no device read): a mask is needed unless every decode row
-            # sees all `longest` positions. Static buffers (CUDA-graph buckets) always carry one.
+            # sees every gathered position. Static buffers (CUDA-graph buckets) always carry one.
             lens = plan.seq_lens[:nd]
-            if plan.padded or min(lens) != longest or (window is not None and window < longest):
+            if plan.padded or min(lens) != nb * bs or (window is not None and window < nb * bs):
+                pos = torch.arange(nb * bs, device=dev)
                 seen = torch_path.visible(step.seq_lens[:nd, None].to(torch.int64) - 1, pos[None, :], window)
                 meta.decode_mask = seen[:, None, None, :]
         for b in range(nd, len(plan.seq_lens)):
@@ -84,8 +85,9 @@ def _packed_attention(query, key, value, k_cache, v_cache, meta: StepMetadata, g
     k_flat, v_flat = k_cache.view(-1, *row_shape), v_cache.view(-1, *row_shape)
     nd = meta.num_decodes
     if nd:
-        keys = k_flat[group.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-        values = v_flat[group.decode_slots].transpose(1, 2)
+        blocks = group.decode_blocks.to(torch.int64)
+        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, nb * block_size, D]
+        values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
         q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, Hq, 1, D]
         res = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.decode_mask, scale=scale,
                                              enable_gqa=gqa)

@@ -94,7 +94,10 @@ class ModelRunner:
         start = time.perf_counter()
         self.timing = dict.fromkeys(self.timing, 0.0)
         self.cache.apply_copies(batch.copies)
-        order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
+        if max(batch.num_tokens) == 1:  # decode-only: already one-row first
+            order = range(len(batch.requests))
+        else:
+            order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
         requests = [batch.requests[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
         sampling = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.num_computed + n == len(r.tokens)]
