@@ -141,6 +141,15 @@ class CacheAllocator(ABC):
         computes at most ``max_batch_tokens`` of its tokens."""
         return -(-total_len // self.block_size)
 
+    @abstractmethod
+    def fork_cost(self, parent_id: str, num_computed: int) -> int:
+        """Fresh blocks ``fork`` takes from the pool."""
+
+    @abstractmethod
+    def fork(self, parent_id: str, child_id: str, num_computed: int) -> list[tuple[int, int]]:
+        """Give ``child_id`` (no blocks yet) the parent's K/V of positions < ``num_computed``
+        (num_return_sequences siblings); returns the (src, dst) block copies to run."""
+
 
 class FullAttentionCacheAllocator(CacheAllocator):
     def blocks_needed(self, request_id, num_computed, new_len):
@@ -157,6 +166,19 @@ class FullAttentionCacheAllocator(CacheAllocator):
     def free_blocks(self, request_id):
         for block in self.tables.pop(request_id, []):
             self.pool.release(block)
+
+    def fork_cost(self, parent_id, num_computed):
+        return 1 if num_computed % self.block_size else 0
+
+    def fork(self, parent_id, child_id, num_computed):
+        """Share the parent's blocks by reference count; a partly written last block (the
+        child writes its next token there) is copied."""
+        shared = self.tables[parent_id][:-(-num_computed // self.block_size)]
+        for block in shared:
+            self.pool.share(block)
+        self.tables[child_id] = list(shared)
+        copy = self.copy_on_write(child_id, len(shared) - 1) if num_computed % self.block_size else None
+        return [copy] if copy is not None else []
 
     def adopt(self, request_id: str, block: int) -> None:
         """Append an already cached block (a prefix-cache hit) to the request."""
@@ -227,6 +249,26 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
         table = self.tables.pop(request_id, [])
         for logical in self.held.pop(request_id, ()):
             self.pool.release(table[logical])
+
+    def _forked(self, parent_id, num_computed) -> list[int]:
+        end = -(-num_computed // self.block_size)
+        return [lg for lg in self.held.get(parent_id, ()) if lg < end]
+
+    def fork_cost(self, parent_id, num_computed):
+        return len(self._forked(parent_id, num_computed))
+
+    def fork(self, parent_id, child_id, num_computed):
+        """A ring recycles its blocks, so it cannot be shared: the child gets a copy of every
+        block the parent still holds (stale entries before the window are kept as they are)."""
+        table = self.tables[parent_id][:-(-num_computed // self.block_size)]
+        copies, held = [], deque()
+        child = list(table)
+        for logical in self._forked(parent_id, num_computed):
+            child[logical] = self.pool.take()
+            copies.append((table[logical], child[logical]))
+            held.append(logical)
+        self.tables[child_id], self.held[child_id] = child, held
+        return copies
 
     def peak_blocks(self, total_len, max_batch_tokens):
         # A prefill chunk holds the window before it plus the whole chunk until ``trim``.

@@ -200,6 +200,21 @@ class PagedAttentionCache:
         self.free_blocks(req.request_id)
         req.block_hashes.clear()
 
+    def fork(self, parent, child) -> Optional[list[tuple[int, int]]]:
+        """``child`` (a fresh request with the parent's prompt: num_return_sequences) takes
+        over what ``parent`` has computed: full-attention blocks shared by reference count,
+        a partly written last block and sliding rings copied. Returns the (src, dst) copies,
+        or None (nothing changed) when the pool lacks the blocks for them."""
+        n = parent.num_computed
+        if sum(a.fork_cost(parent.request_id, n) for a in self.allocators) > self.pool.num_free():
+            return None
+        copies = []
+        for a in self.allocators:
+            copies += a.fork(parent.request_id, child.request_id, n)
+        child.num_computed = n
+        child.block_hashes = list(parent.block_hashes)
+        return copies
+
     def apply_copies(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate blocks src -> dst in every layer."""
         if not copies:

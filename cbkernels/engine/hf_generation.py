@@ -76,7 +76,8 @@ def unsupported_fields(gc) -> dict:
             if key not in cb_names:
                 found[key] = value
             continue
-        if value is not None and value != defaults.get(key):
+        default = defaults.get(key)
+        if value != default and not (default is None and value in (None, False)):  # None / False: off
             found[key] = value
     return found
 
@@ -115,7 +116,7 @@ class GenerationSpec:
                              "(drop_unsupported_processors=False)")
         for key, value in unsupported.items():
             warnings.warn(f"generation_config.{key}={value!r} is ignored by cbkernels: it does not implement it",
-                          IgnoredSettingWarning, stacklevel=3)
+                          IgnoredSettingWarning, stacklevel=4)
         stop = None
         if gc.stop_strings:
             if tokenizer is None:

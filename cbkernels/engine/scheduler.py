@@ -63,12 +63,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, req: Request) -> None:
-        """Drop a finished, failed or cancelled request and free its blocks."""
+        """Drop a finished, failed or cancelled request and free its blocks. Siblings still
+        waiting to fork from it queue up on their own (at the head: they arrived with it)."""
         if req in self.running:
             del self.running[req]
         elif req in self.waiting:
             self.waiting.remove(req)
         self.cache.release(req)
+        children, req.pending_children = req.pending_children, []
+        self.waiting.extendleft(reversed([c for c in children if not c.is_done]))
 
     def fail(self, req: Request, reason: str) -> None:
         """End a live request with an error (its blocks are freed)."""
@@ -109,6 +112,17 @@ class Scheduler:
                  f"{self.cache.get_num_free_blocks()} of {self.cache.num_blocks} free")
         self.cache.release(req)
         batch.failed.append(req)
+        self._fail_siblings(batch, req)
+
+    @staticmethod
+    def _fail_siblings(batch: ScheduledBatch, req: Request) -> None:
+        """Siblings waiting to fork from a request that can never run share its prompt and
+        settings: they fail with it."""
+        for child in req.pending_children:
+            if not child.is_done:
+                child.fail(req.error)
+                batch.failed.append(child)
+        req.pending_children = []
 
     def postprocess(self, batch: ScheduledBatch, sampled: list, now: float) -> list[Request]:
         """After the step ran: every scheduled request gains its computed tokens and, where
@@ -136,8 +150,11 @@ class Scheduler:
 
     def _take(self, batch: ScheduledBatch, req: Request) -> bool:
         """Reserve blocks for the request's next chunk, preempting the newest unscheduled
-        running request while blocks are short. False when it cannot run this step."""
-        n = min(req.remaining, self._budget)
+        running request while blocks are short. False when it cannot run this step.
+        A request with num_return_sequences siblings stops one token short of its prompt's
+        end; the step that computes that token forks them."""
+        fork = bool(req.pending_children) and req.num_computed >= req.prompt_len - 1
+        n = min(req.remaining - (1 if req.pending_children and not fork else 0), self._budget)
         while True:
             try:
                 self.cache.reserve(req, n)
@@ -156,7 +173,30 @@ class Scheduler:
         batch.num_tokens.append(n)
         self._budget -= n
         self._mark(req, n)
+        if fork:
+            self._fork(batch, req)
         return True
+
+    def _fork(self, batch: ScheduledBatch, parent: Request) -> None:
+        """The siblings adopt the parent's computed prompt (all but its last token) and run
+        that last token in this step if the budget allows. One that cannot (no room for its
+        copies, too many running) queues up on its own and prefills its prompt itself."""
+        children, parent.pending_children = parent.pending_children, []
+        on_their_own = []
+        for child in children:
+            if child.is_done:  # cancelled or failed while it waited
+                continue
+            copies = self.cache.fork(parent, child) if len(self.running) < self.max_num_seqs else None
+            if copies is None:
+                on_their_own.append(child)
+                continue
+            batch.copies.extend(copies)
+            child.transition(S.PREFILLING_SPLIT)  # its prompt, but the last token, is computed
+            child.transition(S.SPLIT_PENDING_REMAINDER)
+            self.running[child] = None
+            if self._budget > 0:
+                self._take(batch, child)
+        self.waiting.extendleft(reversed(on_their_own))
 
     @staticmethod
     def _mark(req: Request, n: int) -> None:
@@ -192,6 +232,7 @@ class Scheduler:
                          f"{req.params.max_new_tokens} new tokens > {self.cache.num_blocks} blocks of "
                          f"{self.cache.block_size}")
                 batch.failed.append(req)
+                self._fail_siblings(batch, req)
                 continue
             copies = self.cache.match_prefix(req)
             n = min(req.remaining, self._budget)
