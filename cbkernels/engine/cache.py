@@ -54,6 +54,7 @@ class PagedAttentionCache:
                 self.allocators.append(FullAttentionCacheAllocator(self.pool, block_size) if w is None
                                        else SlidingAttentionCacheAllocator(self.pool, block_size, w))
             self.group_of_layer.append(index[w])
+        self.sliding_allocators = [a for a in self.allocators if a.sliding_window is not None]
         # A ring of recycled blocks cannot be shared, so prefix caching needs full layers only.
         self.prefix_caching = prefix_caching and all(w is None for w in windows)
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
@@ -183,12 +184,12 @@ class PagedAttentionCache:
     def commit(self, req) -> None:
         """After a step computed K/V up to ``req.num_computed``: hash newly full blocks into
         the prefix cache and trim sliding rings."""
-        for a in self.allocators:
+        for a in self.sliding_allocators:
             a.trim(req.request_id, req.num_computed)
-        if not self.prefix_caching:
-            return
-        table = self.allocators[0].block_table(req.request_id)
         bs = self.block_size
+        if not self.prefix_caching or len(req.block_hashes) >= req.num_computed // bs:
+            return  # nothing to hash (the usual decode step: no block filled up)
+        table = self.allocators[0].block_table(req.request_id)
         for logical in range(len(req.block_hashes), req.num_computed // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
             chunk = req.tokens[logical * bs:(logical + 1) * bs]

@@ -136,7 +136,8 @@ class Scheduler:
                 req.transition(S.SPLIT_PENDING_REMAINDER)
                 continue
             req.append_token(token, now)
-            req.transition(S.DECODING)
+            if req.status is not S.DECODING:
+                req.transition(S.DECODING)
             reason = req.stop_reason()
             if reason is not None:
                 req.transition(S.FINISHED)
@@ -200,9 +201,9 @@ class Scheduler:
 
     @staticmethod
     def _mark(req: Request, n: int) -> None:
-        if req.status is S.DECODING:
-            req.transition(S.DECODING)
-        elif req.status is S.SPLIT_PENDING_REMAINDER:
+        if req.status is S.DECODING:  # stays DECODING
+            return
+        if req.status is S.SPLIT_PENDING_REMAINDER:
             req.transition(S.PREFILLING_SPLIT)
         elif req.status is S.PENDING:
             req.transition(S.PREFILLING if n == req.remaining else S.PREFILLING_SPLIT)
