@@ -242,3 +242,35 @@ def test_cuda_graph_replay_matches_eager(prompts):
     stats = graphed.runner.graph_stats()
     assert stats["cuda_graphs_captured"] >= 2 and stats["cuda_graph_steps"] > stats["cuda_graphs_captured"]
     assert graphed.cache.get_num_free_blocks() == graphed.cache.num_blocks
+
+
+def test_buckets_cover_the_cuda_default_batch(llama):
+    """With the CUDA default max_num_seqs (256), decode steps up to 256 requests have a bucket."""
+    engine = _padded(Engine(llama, BatchConfig(backend="torch", num_blocks=512)), max_batch=256)
+    assert engine.runner.graphs.buckets[-1] == 256
+    assert engine.runner.graph_stats()["cuda_graph_largest_bucket"] == 256
+
+
+def test_bucket_metadata_carries_the_split_workspace_before_any_capture(prompts):
+    """A bucket's split-KV workspace is sized when its metadata is built, before the warm-up and
+    the capture: the launches inside a capture get it from the metadata and allocate nothing."""
+    from cbkernels.kernels.paged_attention_tiles import plan_launch
+
+    model = _llama(max_positions=1024)  # static max_seqlen_k 1024: decode buckets split the keys
+    engine = _padded(Engine(model, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=300)))
+    if not use_triton(engine.cache.kv):
+        pytest.skip("CPU without TRITON_INTERPRET: the Triton launch path is not what runs")
+    for p in prompts[:2]:
+        engine.add_request(p, _gen(4))
+    engine.step()  # prefills
+    graphs, workspace = engine.runner.graphs, engine.attention.workspace
+    with torch.inference_mode():
+        graphs._fill(list(engine.scheduler.running), 2)
+    meta = graphs.static[2]
+    launch = plan_launch(engine.cache.kv.device, engine.cache.kv.dtype, 2, 2, 4, 2, 16, 1, meta.max_seqlen_k)
+    assert launch.num_splits > 1
+    assert meta.workspace is not None and meta.workspace.numel() >= launch.workspace_numel(2, 4)
+    buffers = len(workspace.buffers)
+    with torch.inference_mode():
+        logits = graphs._forward(2)
+    assert len(workspace.buffers) == buffers and bool(torch.isfinite(logits).all())

@@ -82,6 +82,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.bucket_steps: Counter = Counter()
         self.disabled = False
+        self.capture_bytes = 0  # device memory the captures reserved (their shared pool)
 
     # ------------------------------------------------------------------ eligibility
     def bucket_for(self, requests, num_tokens: list[int]) -> Optional[int]:
@@ -141,6 +142,7 @@ class DecodeGraphs:
             self._forward(bucket)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved(device)
         try:
             # thread_local: the engine may step on a serving thread while other threads run.
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -150,6 +152,7 @@ class DecodeGraphs:
             warnings.warn(f"CUDA graph capture of decode bucket {bucket} failed, decode steps run eagerly: {err}",
                           RuntimeWarning, stacklevel=3)
             return None
+        self.capture_bytes += torch.cuda.memory_reserved(device) - reserved
         self.graphs[bucket] = (graph, logits)
         return self.graphs[bucket]
 
@@ -169,4 +172,5 @@ class DecodeGraphs:
 
     def stats(self) -> dict:
         return {"cuda_graph_steps": sum(self.bucket_steps.values()), "cuda_graphs_captured": len(self.graphs),
-                "cuda_graph_buckets": dict(sorted(self.bucket_steps.items()))}
+                "cuda_graph_buckets": dict(sorted(self.bucket_steps.items())),
+                "cuda_graph_largest_bucket": self.buckets[-1], "cuda_graph_memory_mib": self.capture_bytes / 2**20}

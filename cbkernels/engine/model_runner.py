@@ -81,7 +81,8 @@ class ModelRunner:
 
     def graph_stats(self) -> dict:
         """Steps that ran the padded decode path (graph replays) vs eagerly."""
-        stats = {"eager_steps": self.eager_steps, "cuda_graph_steps": 0, "cuda_graphs_captured": 0}
+        stats = {"eager_steps": self.eager_steps, "cuda_graph_steps": 0, "cuda_graphs_captured": 0,
+                 "cuda_graph_largest_bucket": 0, "cuda_graph_memory_mib": 0.0}
         if self.graphs is not None:
             stats.update(self.graphs.stats())
         return stats
