@@ -25,6 +25,7 @@ _LAZY = {
     "PrometheusExporter": ".engine.metrics",
     "RequestOutput": ".engine.requests", "RequestStatus": ".engine.requests",
     **dict.fromkeys(["FIFOScheduler", "PrefillFirstScheduler", "Scheduler"], ".engine.scheduler"),
+    "enable": ".hf_api", "disable": ".hf_api",
 }
 
 __version__ = "0.1.0"
@@ -33,7 +34,7 @@ __all__ = [
     "scatter_kv", "gather_kv", "copy_blocks", "paged_attention",
     "BatchConfig", "Engine", "RequestOutput", "RequestStatus", "generate_batch", "register",
     "PagedAttentionCache", "CacheAllocator", "FullAttentionCacheAllocator", "SlidingAttentionCacheAllocator",
-    "BlockPool", "Scheduler", "FIFOScheduler", "PrefillFirstScheduler", "PrometheusExporter",
+    "BlockPool", "Scheduler", "FIFOScheduler", "PrefillFirstScheduler", "PrometheusExporter", "enable", "disable",
     "__version__",
 ]
 

@@ -64,7 +64,7 @@ print(json.dumps({"light": light, "names": names, "resolved": resolved,
         "scatter_kv", "gather_kv", "copy_blocks", "paged_attention",
         "BatchConfig", "Engine", "RequestOutput", "RequestStatus", "generate_batch", "register",
         "PagedAttentionCache", "CacheAllocator", "FullAttentionCacheAllocator", "SlidingAttentionCacheAllocator",
-        "BlockPool", "Scheduler", "FIFOScheduler", "PrefillFirstScheduler", "PrometheusExporter",
+        "BlockPool", "Scheduler", "FIFOScheduler", "PrefillFirstScheduler", "PrometheusExporter", "enable", "disable",
         "__version__",
     ]
 

@@ -77,6 +77,8 @@ def unsupported_fields(gc) -> dict:
                 found[key] = value
             continue
         default = defaults.get(key)
+        if key == "cache_implementation" and value == "paged":  # "continuous batching": what runs here
+            continue
         if value != default and not (default is None and value in (None, False)):  # None / False: off
             found[key] = value
     return found
