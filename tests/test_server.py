@@ -8,6 +8,8 @@ import secrets
 import httpx
 import pytest
 
+from cbkernels.server.testing import chat_ids, engine_greedy
+
 openai = pytest.importorskip("openai", reason="the server tests need the test extra (openai)")
 
 API_KEY = "sk-test-" + secrets.token_hex(8)
@@ -38,26 +40,7 @@ def client(served):
     return openai.OpenAI(base_url=served.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def chat_ids(tok, question):
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def engine_tokens(prompts, max_new_tokens):
-    """The engine's greedy tokens for these token-id prompts (the session's original model)."""
-    import cbkernels
-    from cbkernels.models import cached_default_model
-    from transformers import GenerationConfig
-
-    model, tok = cached_default_model()
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[tok.eos_token_id],
-                          pad_token_id=tok.eos_token_id)
-    outs = cbkernels.generate_batch(model, prompts, gc, cbkernels.BatchConfig(num_blocks=256, block_size=16,
-                                                                                 backend="torch"))
-    return [o.generated_tokens for o in outs]
-
-
-def finish_of(tokens, tok, max_new_tokens):
+def finish_of(tokens, tok):
     return "stop" if tokens and tokens[-1] == tok.eos_token_id else "length"
 
 
@@ -70,7 +53,7 @@ def test_health_is_open_and_models_lists_the_served_name(served, client):
 def test_chat_greedy_equals_engine_output_with_usage(served, client, stream):
     tok, max_new = served.tokenizer, 24
     prompts = [chat_ids(tok, q) for q in QUESTIONS[:2]]
-    expected = engine_tokens(prompts, max_new)
+    expected = engine_greedy(prompts, max_new)
     for question, ids, ref in zip(QUESTIONS, prompts, expected):
         messages = [{"role": "user", "content": question}]
         if stream:
@@ -87,7 +70,7 @@ def test_chat_greedy_equals_engine_output_with_usage(served, client, stream):
             assert resp.object == "chat.completion" and resp.model == MODEL
             text, finish, usage = resp.choices[0].message.content, resp.choices[0].finish_reason, resp.usage
         assert text == tok.decode(ref, skip_special_tokens=True)
-        assert finish == finish_of(ref, tok, max_new)
+        assert finish == finish_of(ref, tok)
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), len(ref))
         assert usage.total_tokens == len(ids) + len(ref)
 
@@ -95,12 +78,12 @@ def test_chat_greedy_equals_engine_output_with_usage(served, client, stream):
 def test_completion_greedy_equals_engine_output_streamed_and_not(served, client):
     tok, max_new = served.tokenizer, 16
     prompt = "The three primary colours are"
-    ref = engine_tokens([list(tok(prompt)["input_ids"])], max_new)[0]
+    ref = engine_greedy([list(tok(prompt)["input_ids"])], max_new)[0]
     whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_new, temperature=0)
     parts = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_new, temperature=0, stream=True))
     assert whole.choices[0].text == tok.decode(ref, skip_special_tokens=True)
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
-    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason == finish_of(ref, tok, max_new)
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason == finish_of(ref, tok)
     assert whole.usage.completion_tokens == len(ref)
 
 
@@ -118,7 +101,7 @@ def _stop_across_tokens(tok, tokens):
 def test_stop_string_spanning_tokens_cuts_the_text(served, client, stream):
     tok, max_new = served.tokenizer, 32
     question = QUESTIONS[1]
-    ref = engine_tokens([chat_ids(tok, question)], max_new)[0]
+    ref = engine_greedy([chat_ids(tok, question)], max_new)[0]
     stop, full = _stop_across_tokens(tok, ref)
     messages = [{"role": "user", "content": question}]
     kwargs = dict(model=MODEL, messages=messages, max_tokens=max_new, temperature=0, stop=[stop, "never-appears-xyz"])
@@ -139,7 +122,7 @@ def test_stop_string_spanning_tokens_cuts_the_text(served, client, stream):
 
 def test_n_choices_greedy_and_sampled(served, client):
     tok, max_new = served.tokenizer, 12
-    ref = engine_tokens([chat_ids(tok, QUESTIONS[0])], max_new)[0]
+    ref = engine_greedy([chat_ids(tok, QUESTIONS[0])], max_new)[0]
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_new, temperature=0, n=3)
     assert [c.index for c in resp.choices] == [0, 1, 2]

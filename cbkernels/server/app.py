@@ -106,16 +106,16 @@ class ServerState:
             out.append(ids)
         return out
 
-    def max_new_tokens(self, prompts: list[list[int]], requested: Optional[int], param: str) -> int:
+    def max_new_tokens(self, prompts: list[list[int]], requested: Optional[int], prompt_param: str, param: str) -> int:
         longest = max(len(p) for p in prompts)
+        if longest >= self.context_len:
+            raise APIError(400, f"this model's maximum context length is {self.context_len} tokens; the {prompt_param} "
+                                f"has {longest}", param=prompt_param, code="context_length_exceeded")
         if requested is None:
-            if longest >= self.context_len:
-                raise APIError(400, f"this model's maximum context length is {self.context_len} tokens; the prompt "
-                                    f"has {longest}", param=param, code="context_length_exceeded")
             return self.context_len - longest
         if longest + requested > self.context_len:
             raise APIError(400, f"this model's maximum context length is {self.context_len} tokens; you requested "
-                                f"{longest + requested} ({longest} in the prompt, {requested} to generate)",
+                                f"{longest + requested} ({longest} in the {prompt_param}, {requested} in {param})",
                            param=param, code="context_length_exceeded")
         return requested
 
@@ -132,7 +132,7 @@ class ServerState:
     # ------------------------------------------------------------ answers
     async def answer(self, request: Request, prompts: list[list[int]], opts: protocol.SamplingOptions, *,
                      chat: bool, model: str, max_tokens_param: str):
-        max_new = self.max_new_tokens(prompts, opts.max_tokens, max_tokens_param)
+        max_new = self.max_new_tokens(prompts, opts.max_tokens, "messages" if chat else "prompt", max_tokens_param)
         gc = self.generation_config(opts, max_new)
         seed = None if opts.seed is None or opts.greedy else opts.seed
         group = await self.bridge.submit([p for p in prompts for _ in range(opts.n)], gc, seed=seed)

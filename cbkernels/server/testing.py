@@ -52,3 +52,24 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=60)
         self._sock.close()
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of one user message through the chat template, as the server builds them."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def engine_greedy(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The engine's own greedy tokens for these prompts (``cbkernels.generate_batch`` on the
+    process-wide default model, EOS as the server sets it)."""
+    import cbkernels
+    from cbkernels.models import cached_default_model
+    from transformers import GenerationConfig
+
+    model, tokenizer = cached_default_model()
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[tokenizer.eos_token_id],
+                          pad_token_id=tokenizer.eos_token_id)
+    config = cbkernels.BatchConfig(num_blocks=256, block_size=16, backend="torch")
+    return [out.generated_tokens for out in cbkernels.generate_batch(model, prompts, gc, config)]
