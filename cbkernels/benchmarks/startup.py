@@ -12,7 +12,8 @@ record) and ``startup_s`` (everything else: imports, model load or conversion, e
 Each run is its own subprocess with the cache directory in a temporary directory (removed
 afterwards), answering "What is the capital of France?" with 8 new tokens. The goal is a warm
 run within 12 s on a 2-core CPU machine. The 1-minute load average before each run is recorded:
-on a shared machine other processes' load stretches every figure.
+on a shared machine other processes' load stretches every wall time; ``cpu_s`` (the run's user +
+system CPU seconds) is the work itself.
 """
 from __future__ import annotations
 
@@ -34,11 +35,22 @@ MAX_NEW_TOKENS = 8
 GOAL_S = 12.0
 
 
-def _timed(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
-    start = time.perf_counter()
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return float("nan")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(args: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds, finished process) of one ``cbkernels`` run."""
+    cpu, start = _cpu_s(), time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cbkernels", *args], capture_output=True, text=True,
                           env=env, timeout=1800)
-    return time.perf_counter() - start, proc
+    return time.perf_counter() - start, _cpu_s() - cpu, proc
 
 
 def _cache_mb(cache: Path) -> float:
@@ -63,17 +75,17 @@ def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list
                 print(f"[{i}/{len(plan)}] {name}: cbkernels {' '.join(args)}", file=sys.stderr, flush=True)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             run_env = dict(env, OMP_NUM_THREADS="1") if name == "warm-1-thread" else env
-            seconds, proc = _timed(args, run_env)
+            seconds, cpu, proc = _timed(args, run_env)
             if proc.returncode != 0:
                 raise RuntimeError(f"cbkernels {name} run failed ({proc.returncode}): {proc.stderr[-2000:]}")
             answer = proc.stdout.strip().splitlines()[0] if name != "help" and proc.stdout.strip() else ""
             generation = json.loads(record.read_text())["wall_s"] if name != "help" else 0.0
             rows.append({"run": name, "wall_s": round(seconds, 2), "generation_s": round(generation, 2),
-                         "startup_s": round(seconds - generation, 2), "cache_mb": _cache_mb(Path(cache)),
+                         "startup_s": round(seconds - generation, 2), "cpu_s": round(cpu, 2), "cache_mb": _cache_mb(Path(cache)),
                          "answer": answer[:60], "goal_s": GOAL_S if name.startswith("warm") else "",
                          "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "prompt": PROMPT if name != "help" else "",
                          "max_new_tokens": MAX_NEW_TOKENS if name != "help" else ""})
-    print_table(rows, ["run", "wall_s", "startup_s", "generation_s", "cache_mb", "load_avg_1m", "answer"])
+    print_table(rows, ["run", "wall_s", "startup_s", "generation_s", "cpu_s", "load_avg_1m", "answer"])
     warm = [r["wall_s"] for r in rows if r["run"] == "warm"]
     if warm:
         median = statistics.median(warm)
