@@ -148,12 +148,13 @@ class RowStore:
 
 
 def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault_rate: float = FAULT_RATE,
-             spot_checks: int = SPOT_CHECKS, progress: bool = True) -> tuple[dict, list[dict]]:
+             spot_checks: int = SPOT_CHECKS, progress: bool = True,
+             async_scheduling: bool = False) -> tuple[dict, list[dict]]:
     rng = random.Random(seed)
     model = tiny_llama(vocab=VOCAB, seed=seed)
     config = BatchConfig(backend="torch", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
                          max_batch_tokens=MAX_BATCH_TOKENS, max_num_seqs=MAX_NUM_SEQS, scheduler=scheduler,
-                         prefix_caching=True)
+                         prefix_caching=True, async_scheduling=async_scheduling)
     engine = Engine(model, config)
     specs = make_requests(num_requests, rng)
     faults = FaultInjector(model, fault_rate, random.Random(seed + 1))
@@ -284,12 +285,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", choices=["fifo", "prefill_first", "both"], default="both")
     parser.add_argument("--fault-rate", type=float, default=FAULT_RATE)
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="overlap host and device work (read tokens back one step later)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bad = 0
     for scheduler in (["fifo", "prefill_first"] if args.scheduler == "both" else [args.scheduler]):
-        summary, rows = run_soak(args.requests, args.seed, scheduler, fault_rate=args.fault_rate)
+        summary, rows = run_soak(args.requests, args.seed, scheduler, fault_rate=args.fault_rate,
+                                 async_scheduling=args.async_scheduling)
         print_table(summary)
         print("wrote", write_results(summary, rows, args.out))
         bad += summary["lost"] + summary["duplicated"] + summary["leaked_blocks"] + summary["failures_without_reason"]

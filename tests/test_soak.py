@@ -19,10 +19,11 @@ def _soak_module():
     return module
 
 
-@pytest.mark.parametrize("scheduler", ["fifo", "prefill_first"])
-def test_soak_loses_nothing(scheduler, tmp_path):
+@pytest.mark.parametrize("scheduler, async_scheduling", [("fifo", False), ("prefill_first", False), ("fifo", True)])
+def test_soak_loses_nothing(scheduler, async_scheduling, tmp_path):
     soak = _soak_module()
-    summary, rows = soak.run_soak(SOAK_REQUESTS, seed=11, scheduler=scheduler, fault_rate=FAULT_RATE, progress=False)
+    summary, rows = soak.run_soak(SOAK_REQUESTS, seed=11, scheduler=scheduler, fault_rate=FAULT_RATE, progress=False,
+                                  async_scheduling=async_scheduling)
     assert summary["requests"] == len(rows) == SOAK_REQUESTS
     assert summary["lost"] == 0 and summary["duplicated"] == 0
     assert summary["finished"] + summary["failed"] == SOAK_REQUESTS

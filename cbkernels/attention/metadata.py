@@ -37,6 +37,11 @@ class StepPlan:
     # max_seqlen_k = table_width * block_size stay fixed. None: tight shapes.
     num_padding: int = 0
     table_width: Optional[int] = None
+    # Asynchronous scheduling: input tokens still on the device. ``from_previous`` holds
+    # (token index in this step, row of ``previous_tokens``) pairs, flattened; the input id at
+    # each such index is taken from the previous step's sampled tokens (a device tensor).
+    from_previous: list[int] = field(default_factory=list)
+    previous_tokens: Optional[torch.Tensor] = None
 
     @property
     def padded(self) -> bool:
@@ -111,12 +116,19 @@ class StepTensors:
 
     def __init__(self, plan: StepPlan, device: torch.device):
         cu = plan.cu_seqlens_q
-        parts = (plan.input_ids, plan.positions, plan.seq_lens, cu, plan.rows, plan.table_updates)
+        parts = (plan.input_ids, plan.positions, plan.seq_lens, cu, plan.rows, plan.from_previous, plan.table_updates)
         host = torch.tensor([x for part in parts for x in part], dtype=torch.int64, pin_memory=device.type == "cuda")
         dev = host.to(device, non_blocking=True)
         t, b = len(plan.input_ids), len(plan.seq_lens)
-        bounds = [0, t, 2 * t, 2 * t + b, 2 * t + 2 * b + 1, 2 * t + 3 * b + 1, dev.numel()]
-        ids, pos, lens, cu_dev, rows, updates = (dev[bounds[i]:bounds[i + 1]] for i in range(6))
+        sizes = (t, t, b, b + 1, b, len(plan.from_previous))
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        bounds.append(dev.numel())
+        ids, pos, lens, cu_dev, rows, previous, updates = (dev[bounds[i]:bounds[i + 1]] for i in range(7))
+        if plan.from_previous:  # input ids still on the device: gathered from the last step's samples
+            pairs = previous.view(-1, 2)
+            ids.index_copy_(0, pairs[:, 0], plan.previous_tokens.index_select(0, pairs[:, 1]).to(ids.dtype))
         self.input_ids, self.positions, self.table_updates = ids, pos, updates
         self.seq_lens, self.cu_seqlens_q = lens.to(torch.int32), cu_dev.to(torch.int32)
         self.rows = rows

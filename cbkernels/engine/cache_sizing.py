@@ -60,6 +60,7 @@ def resolve_config(config, device: torch.device):
         if use_utilization else None,
         memory_fraction=None if use_utilization else (config.memory_fraction or DEFAULT_MEMORY_FRACTION),
         max_cache_bytes=None if use_utilization else (config.max_cache_bytes or DEFAULT_MAX_CACHE_BYTES),
+        async_scheduling=on_cuda if config.async_scheduling is None else config.async_scheduling,
     )
 
 

@@ -36,6 +36,9 @@ class BatchConfig:
       bucket (``cbkernels.engine.cuda_graphs``). ``None`` (default) turns it on for CUDA models on the
       Triton backend and off otherwise (CPU, or ``backend="torch"``); ``True`` on a CPU model
       or with ``backend="torch"`` is an error.
+    * ``async_scheduling``: schedule and build step N+1 while step N runs on the device
+      (``cbkernels.engine.overlap``). ``None`` (default): on for CUDA, off elsewhere (a CPU
+      has nothing to overlap; ``True`` there runs the same code, for tests).
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
     """
 
@@ -52,6 +55,7 @@ class BatchConfig:
     seed: Optional[int] = None
     device: Optional[torch.device] = None
     use_cuda_graph: Optional[bool] = None
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_tokens"):
@@ -71,6 +75,8 @@ class BatchConfig:
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.prefix_caching, bool):
             raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.use_cuda_graph is not None and not isinstance(self.use_cuda_graph, bool):
             raise TypeError(f"use_cuda_graph must be True, False or None, got {self.use_cuda_graph!r}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -91,7 +91,8 @@ class Engine:
         self.num_steps = 0
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified after every state change
-        self._loop = ServingLoop(self.step, self.scheduler.has_work, self._changed)
+        self._in_flight = None  # asynchronous scheduling: the launched step not yet read back
+        self._loop = ServingLoop(self.step, self._has_work, self._changed)
         # Seconds of the last step by phase (schedule, prepare, forward, sample, postprocess).
         self.last_step_timing: dict[str, float] = {}
 
@@ -240,13 +241,13 @@ class Engine:
                 while len(req.tokens) - req.prompt_len <= seen and not req.is_done:
                     if self._loop.runs_elsewhere():
                         self._changed.wait(WAIT_RECHECK_S)
-                    elif self.scheduler.has_work():
+                    elif self._has_work():
                         self.step()
                     else:
                         break
                 new = req.tokens[req.prompt_len + seen:]
                 seen += len(new)
-                done = req.is_done or not (self.scheduler.has_work() or self._loop.runs_elsewhere())
+                done = req.is_done or not (self._has_work() or self._loop.runs_elsewhere())
             yield from new
             if done:
                 return
@@ -263,6 +264,8 @@ class Engine:
                 self._changed.notify_all()
 
     def _step(self) -> list[tuple[str, int]]:
+        if self.config.async_scheduling:
+            return self._step_async()
         start = time.perf_counter()
         self._activate()
         # 1. schedule
@@ -300,6 +303,68 @@ class Engine:
         if not self.scheduler.has_work():
             self._restore()
         return made
+
+    def _step_async(self) -> list[tuple[str, int]]:
+        """schedule N -> launch N -> read back N-1's tokens while N runs -> commit N (see
+        ``cbkernels.engine.overlap``)."""
+        start = time.perf_counter()
+        self._activate()
+        batch = self.scheduler.schedule()
+        scheduled = time.perf_counter()
+        self.num_steps += 1
+        for req in batch.failed:
+            self._stats.record_request(req.to_output())
+        launched, error = None, None
+        if batch.requests:
+            for req in batch.requests:
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
+            try:
+                launched = self.runner.launch(batch)
+            except BaseException as exc:  # noqa: BLE001 - handled after the step in flight is read back
+                error = exc
+                self.runner.previous = None
+        made = self._read_back(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = None
+        ran = time.perf_counter()
+        if error is not None:
+            self._fail_requests(batch.requests, f"step failed: {type(error).__name__}: {error}")
+            if not isinstance(error, Exception):
+                raise error
+        elif launched is not None:
+            if launched.needs_host_sampling:  # histories are complete now: sample, finish the step
+                self.runner.sample_on_host(launched)
+                self.scheduler.commit(batch, self._sampling_flags(launched))
+                made += self._read_back(launched)
+            else:
+                self.scheduler.commit(batch, self._sampling_flags(launched))
+                self._in_flight = launched
+                self._stats.async_steps += 1
+        self.last_step_timing = {"schedule": scheduled - start, **self.runner.timing,
+                                 "postprocess": time.perf_counter() - ran}
+        self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
+                                self.cache.num_used_blocks(), self.runner.timing["forward"])
+        if not self.scheduler.has_work() and self._in_flight is None:
+            self._restore()
+        return made
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work() or self._in_flight is not None
+
+    @staticmethod
+    def _sampling_flags(step) -> list[bool]:
+        flags = [False] * len(step.batch.requests)
+        for i in step.sampling:
+            flags[step.order[i]] = True
+        return flags
+
+    def _read_back(self, step) -> list[tuple[str, int]]:
+        """The tokens of a launched step (waiting for them), applied: states, stops, metrics."""
+        sampled = step.sampled()
+        live = [r.pending > 0 and not r.is_done for r in step.batch.requests]
+        for req in self.scheduler.resolve(step.batch, sampled, time.perf_counter()):
+            self._stats.record_request(req.to_output())
+        return [(r.request_id, t) for r, t, ok in zip(step.batch.requests, sampled, live) if t is not None and ok]
 
     def _fail_requests(self, reqs, reason: str) -> None:
         """Fail every live request of ``reqs`` with ``reason`` and free its blocks."""
@@ -353,7 +418,7 @@ class Engine:
                     return
                 if self._loop.runs_elsewhere():
                     self._changed.wait(WAIT_RECHECK_S)
-                elif self.scheduler.has_work():
+                elif self._has_work():
                     self.step()
                 else:  # cannot happen for live requests; never spin
                     raise RuntimeError("engine has live requests but no scheduled work")

@@ -44,6 +44,7 @@ class EngineMetrics:
     finished: int = 0
     busy_s: float = 0.0  # wall time inside step()
     peak_used_blocks: int = 0  # most cache blocks in use after any step
+    async_steps: int = 0  # steps launched without waiting for their tokens (asynchronous scheduling)
     # Host time of recent steps (wall time of a step minus its model forward), seconds.
     host_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # Latency samples of the most recent requests only: a long-running server must not keep
@@ -98,6 +99,7 @@ class EngineMetrics:
             "prefix_hit_rate": cache.prefix_hit_rate(),
             "padding_saved": 1.0 - self.batch_tokens / self.padded_tokens if self.padded_tokens else 0.0,
             "preemptions": self.preemptions,
+            "async_steps": self.async_steps,
             "host_ms_per_step_p50": None if not self.host_s else 1e3 * percentile(self.host_s, 0.5),
             "timestamp": time.time(),
         }

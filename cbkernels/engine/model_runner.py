@@ -17,6 +17,7 @@ from ..attention.backend import AttentionBackend
 from ..attention.metadata import StepMetadata, StepPlan
 from .cuda_graphs import DecodeGraphs, resolve_use_cuda_graph
 from .requests import Request
+from .overlap import InFlightStep, sample_on_device
 from .sampling import sample
 
 # A 4-D mask makes transformers' mask builders return it untouched (they treat 4-D masks as
@@ -38,6 +39,8 @@ class ModelRunner:
         self._no_mask = torch.ones(_NO_MASK_SHAPE, dtype=torch.bool, device=self.device)
         self.graphs: Optional[DecodeGraphs] = None
         self.eager_steps = 0
+        # Asynchronous scheduling: the last launched step whose tokens are still on the device.
+        self.previous: Optional[InFlightStep] = None
         # Seconds of the last run: prepare (plan + metadata), forward, sample. The forward's
         # share is device work on a CPU; everything else is host work per step.
         self.timing = {"prepare": 0.0, "forward": 0.0, "sample": 0.0}
@@ -50,11 +53,16 @@ class ModelRunner:
         request is O(1) for a decode (block tables stay on the device; only entries appended
         since the last step are sent)."""
         tables, allocators = self.cache.device_tables, self.cache.allocators
-        ids, positions, seq_lens, rows, updates = [], [], [], [], []
+        ids, positions, seq_lens, rows, updates, from_previous = [], [], [], [], [], []
+        previous_rows = self.previous.rows_of if self.previous is not None else {}
         for req, n in zip(requests, num_tokens):
             start = req.num_computed
             if n == 1:
-                ids.append(req.tokens[start])
+                if start == len(req.tokens):  # its input is the token the last step sampled
+                    from_previous += (len(ids), previous_rows[req])
+                    ids.append(0)
+                else:
+                    ids.append(req.tokens[start])
                 positions.append(start)
             else:
                 ids += req.tokens[start:start + n]
@@ -64,7 +72,8 @@ class ModelRunner:
             rows.append(tables.pending_updates(rid, [a.block_table(rid) for a in allocators], updates))
         return StepPlan(ids, positions, seq_lens, list(num_tokens), rows, updates,
                         [a.sliding_window for a in allocators], self.cache.block_size,
-                        num_decodes=sum(1 for n in num_tokens if n == 1))
+                        num_decodes=sum(1 for n in num_tokens if n == 1), from_previous=from_previous,
+                        previous_tokens=self.previous.tokens if from_previous else None)
 
     def forward(self, meta: StepMetadata, logits_to_keep) -> torch.Tensor:
         """Model forward over one packed step (inputs in ``meta``): logits [1, S, V]."""
@@ -87,12 +96,8 @@ class ModelRunner:
             stats.update(self.graphs.stats())
         return stats
 
-    @torch.inference_mode()
-    def run(self, batch) -> list[Optional[int]]:
-        """Run a scheduled batch (copy-on-write copies first); returns one entry per
-        ``batch.requests``: the sampled token, or None for a prefill chunk that does not reach
-        the end of its prompt."""
-        start = time.perf_counter()
+    def _forward_batch(self, batch):
+        """Copies, row order, forward: (order, requests in row order, sampling rows, logits [S, V])."""
         self.timing = dict.fromkeys(self.timing, 0.0)
         self.cache.apply_copies(batch.copies)
         if max(batch.num_tokens) == 1:  # decode-only: already one-row first
@@ -101,7 +106,7 @@ class ModelRunner:
             order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
         requests = [batch.requests[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
-        sampling = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.num_computed + n == len(r.tokens)]
+        sampling = [i for i, (r, n) in enumerate(zip(requests, counts)) if n == r.remaining]
         bucket = self.graphs.bucket_for(requests, counts) if self.graphs is not None else None
         logits = self.graphs.run(requests, bucket) if bucket is not None else None
         if logits is not None:  # one row per request
@@ -109,6 +114,16 @@ class ModelRunner:
         else:
             self.eager_steps += 1
             logits = self._eager(requests, counts, sampling)
+        return order, requests, sampling, logits
+
+    @torch.inference_mode()
+    def run(self, batch) -> list[Optional[int]]:
+        """Run a scheduled batch (copy-on-write copies first); returns one entry per
+        ``batch.requests``: the sampled token, or None for a prefill chunk that does not reach
+        the end of its prompt."""
+        start = time.perf_counter()
+        self.previous = None
+        order, requests, sampling, logits = self._forward_batch(batch)
         sampled_at = time.perf_counter()
         result: list[Optional[int]] = [None] * len(order)
         if sampling:
@@ -118,6 +133,28 @@ class ModelRunner:
         self.timing["sample"] = time.perf_counter() - sampled_at
         self.timing["prepare"] = sampled_at - start - self.timing["forward"]
         return result
+
+    @torch.inference_mode()
+    def launch(self, batch) -> InFlightStep:
+        """Asynchronous scheduling: run a batch and sample on the device, without waiting for
+        the tokens. Inputs still in flight from the previous launch are read on the device.
+        When a row needs its full history on the host (logits processors, log-probabilities)
+        the step keeps its logits and samples on the host once that history is complete
+        (``InFlightStep.needs_host_sampling``)."""
+        start = time.perf_counter()
+        order, requests, sampling, logits = self._forward_batch(batch)
+        sampled_at = time.perf_counter()
+        rows = [requests[i] for i in sampling]
+        tokens = sample_on_device(logits, rows, self.generator) if sampling else None
+        step = InFlightStep(batch, order, sampling, rows, logits, tokens)
+        self.previous = step if tokens is not None else None
+        self.timing["sample"] = time.perf_counter() - sampled_at
+        self.timing["prepare"] = sampled_at - start - self.timing["forward"]
+        return step
+
+    def sample_on_host(self, step: InFlightStep) -> None:
+        """The host sampling of a step that needs it (its rows' histories now complete)."""
+        step.host_tokens = sample(step.logits, step.rows, self.generator)
 
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
         plan = self.plan(requests, num_tokens)

@@ -158,6 +158,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     prefix_hit_tokens: int = 0
+    pending: int = 0  # sampled tokens not read back yet (asynchronous scheduling: at most one)
     logprobs: list[float] = field(default_factory=list)  # one per generated token, when asked for
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # num_return_sequences > 1: the siblings that wait to adopt this request's prompt blocks
@@ -170,8 +171,14 @@ class Request:
 
     @property
     def remaining(self) -> int:
-        """Tokens not yet in the cache (>= 1 for a live request)."""
-        return len(self.tokens) - self.num_computed
+        """Tokens not yet in the cache (>= 1 for a live request), a sampled token still on its
+        way back from the device (asynchronous scheduling) included."""
+        return len(self.tokens) + self.pending - self.num_computed
+
+    @property
+    def saturated(self) -> bool:
+        """Its in-flight token reaches max_new_tokens: nothing more to schedule until it is back."""
+        return self.pending > 0 and len(self.tokens) + self.pending - self.prompt_len >= self.params.max_new_tokens
 
     @property
     def is_done(self) -> bool:
@@ -247,6 +254,7 @@ class RequestOutput:
     e2e_s: Optional[float] = None  # arrival to finish
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
+    pending: int = 0  # sampled tokens not read back yet (asynchronous scheduling: at most one)
     logprobs: list[float] = field(default_factory=list)  # log-probability of each generated token
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: [(token, logprob), ...]
     created_time: float = 0.0  # time.perf_counter() at arrival

@@ -128,16 +128,37 @@ class Scheduler:
         """After the step ran: every scheduled request gains its computed tokens and, where
         ``sampled`` (one entry per request) holds a token, that token; states move on, and
         requests that hit a stop condition finish and free their blocks. Returns those."""
-        finished = []
-        for req, n, token in zip(batch.requests, batch.num_tokens, sampled):
+        self.commit(batch, [token is not None for token in sampled])
+        return self.resolve(batch, sampled, now)
+
+    def commit(self, batch: ScheduledBatch, samples: list[bool]) -> None:
+        """The half of ``postprocess`` that needs no token values: computed tokens, prefix
+        hashes, states; a row that samples leaves a pending token. With asynchronous scheduling
+        this runs as soon as a step is launched, so the next step can be scheduled."""
+        for req, n, sampled in zip(batch.requests, batch.num_tokens, samples):
+            if req.is_done:  # finished or cancelled while this step was in flight
+                continue
             req.num_computed += n
             self.cache.commit(req)
-            if token is None:  # a prefill chunk short of the prompt's end
+            if not sampled:  # a prefill chunk short of the prompt's end
                 req.transition(S.SPLIT_PENDING_REMAINDER)
                 continue
-            req.append_token(token, now)
+            req.pending += 1
             if req.status is not S.DECODING:
                 req.transition(S.DECODING)
+
+    def resolve(self, batch: ScheduledBatch, sampled: list, now: float) -> list[Request]:
+        """The half of ``postprocess`` that needs the sampled tokens: append them, and finish
+        (freeing their blocks) the requests that hit a stop condition. Returns those."""
+        finished = []
+        for req, token in zip(batch.requests, sampled):
+            if token is None:
+                continue
+            if req.is_done:  # cancelled or failed while its token was in flight: dropped
+                req.pending = 0
+                continue
+            req.pending -= 1
+            req.append_token(token, now)
             reason = req.stop_reason()
             if reason is not None:
                 req.transition(S.FINISHED)
@@ -212,7 +233,8 @@ class Scheduler:
         for req in list(self.running):
             if self._budget <= 0:
                 return
-            if (req.status is S.DECODING) != decoding or req in batch.members or req not in self.running:
+            if ((req.status is S.DECODING) != decoding or req in batch.members or req not in self.running
+                    or req.saturated):
                 continue
             self._take(batch, req)
 
