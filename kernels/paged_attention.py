@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import AotConfig, interpreting
 from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch decisions of this kernel)
-    DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
+    DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_STAGES, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
 )
 from .paged_attention_tiles import LOOP_RANGE
@@ -327,6 +327,7 @@ def launch_paged_attention(
         _merge_splits_kernel[(num_tokens * num_q_heads,)](
             part_o, part_lse, sinks_f, target, lse_buf, num_tokens * num_q_heads, num_q_heads, head_dim,
             int(sinks is not None), int(lse is not None), splits, D_PAD=d_pad, num_warps=MERGE_NUM_WARPS,
+            num_stages=MERGE_NUM_STAGES,
         )
     if upcast:
         out.copy_(target)
@@ -380,6 +381,6 @@ def aot_configs() -> list[AotConfig]:
                 {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": f"*{name}",
                  "lse_ptr": "*fp32", "num_rows": "i32", "num_q_heads": "i32", "head_dim": "i32",
                  "has_sinks": "i32", "store_lse": "i32", "num_splits": "i32", "D_PAD": "constexpr"},
-                {"D_PAD": d_pad}, MERGE_NUM_WARPS, divisible=("head_dim",),
+                {"D_PAD": d_pad}, MERGE_NUM_WARPS, MERGE_NUM_STAGES, divisible=("head_dim",),
             ))
     return configs

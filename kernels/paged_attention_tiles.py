@@ -143,6 +143,9 @@ SPLIT_SCRATCH_MAX_BYTES = 512 * 1024 * 1024
 
 # Merge kernel: one (token, q head) per program, 4 warps cover a 256-wide head row in one pass.
 MERGE_NUM_WARPS = 4
+# The merge loop reads one partial per split with nothing to prefetch across iterations: one
+# stage, launched and compiled alike (the gate builds exactly this).
+MERGE_NUM_STAGES = 1
 
 
 def device_arch(device: torch.device) -> int:
