@@ -51,6 +51,9 @@ step compile-gate 180 python3 -m cbkernels.aot --quiet --arch "$ARCH" \
 # One compiled launch of each kernel (KV cache and attention, bf16) against the reference.
 step selfcheck 120 cbkernels selfcheck --device cuda --dtype bfloat16 \
   || stop "a compiled kernel failed or disagreed with the reference (selfcheck above)"
+# Engine with and without asynchronous scheduling (tokens/s, host ms per step) and the cache
+# sizing rule on this card (gpu_memory_utilization, profiled activation peak).
+step engine-overlap 150 cbkernels bench overlap --random-llama 4 --prompts 128 --max-new-tokens 48 --quiet --out "$OUT"
 # The same tests as CI, now on the compiled kernels (tests needing the 93 MB embedded model skip).
 step tests 240 pytest -q -p no:cacheprovider --ignore=tests/test_aot.py --ignore=tests/test_soak.py
 step kv-cache-bench 60 python3 bench/bench_kv_cache.py --out "$OUT"

@@ -5,6 +5,7 @@
 * ``sweep``: throughput against latency over concurrency and step budgets (PNG);
 * ``padding``: tokens a statically padded batch computes against the packed batches run;
 * ``kernels``: the kernel microbenchmarks (GB/s, TFLOP/s on CUDA; the CPU path otherwise);
+* ``overlap``: the engine with and without asynchronous scheduling, same prompts;
 * ``host``: host work per engine step against running requests (a tiny model, so the
   scheduling, metadata and sampling around the forward is what is measured).
 * ``startup``: wall time of ``cbkernels generate`` in fresh processes, cold (one-time model
@@ -72,6 +73,18 @@ def run_bench(args) -> int:
 
         run_startup(out_dir=out, progress=progress)
         return 0
+    if args.part == "serve":
+        from ..benchmarks.serve import run_serve_bench
+
+        run_serve_bench(args.model, out_dir=out, max_tokens=args.max_new_tokens, quick=args.quick, threads=args.threads,
+                        progress=progress)
+        return 0
+    if args.part == "overlap":
+        from ..benchmarks.overlap import run_overlap
+
+        model, prompts, gc = _model_and_prompts(args)
+        run_overlap(model, prompts, gc, out_dir=out)
+        return 0
     if args.part == "host":
         from ..benchmarks.host import run_host
 
@@ -108,7 +121,7 @@ def run_bench(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: peers side by side, throughput-latency sweep, padding, kernels",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "all"), default="all")
+    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "overlap", "serve", "all"), default="all")
     p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
     p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", help="where GGUF models are converted once and loaded from "
