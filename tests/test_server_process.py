@@ -6,7 +6,6 @@ starts in seconds."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from cbkernels.cli import main
 from cbkernels.server.runner import exposure_warning
+from cbkernels.server.testing import free_port
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -62,14 +62,8 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_dir):
-    port, key = _free_port(), "env-key-123"
+    port, key = free_port(), "env-key-123"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the server runs as a user would
     env.update(CBKERNELS_API_KEY=key, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "cbkernels", "serve", "--model", str(tiny_model_dir),

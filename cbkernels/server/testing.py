@@ -1,13 +1,62 @@
-"""Helpers for tests of the server: an in-process uvicorn on a free loopback port, and a
-private copy of the default model for it (the server keeps its model on the paged attention
-while it runs, so a test session's shared model is left untouched)."""
+"""Helpers for tests and benchmarks of the server: an in-process uvicorn on a free loopback
+port, a server as a separate process, a private copy of the default model (the server keeps
+its model on the paged attention while it runs, so a test session's shared model is left
+untouched), and the engine's own greedy output to compare with."""
 from __future__ import annotations
 
 import copy
 import functools
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """An HTTP server started as a process (``argv``), its output in ``log_path``."""
+
+    def __init__(self, argv, port: int, log_path, env):
+        self.url, self.log_path = f"http://127.0.0.1:{port}", Path(log_path)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout_s: float = 600.0):
+        """None once ``/health`` answers 200, else why not (the process exited, or time ran out)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                return f"exited with code {self.proc.returncode}: {' | '.join(tail)}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return None
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        return f"no answer on /health within {timeout_s:.0f} s"
+
+    def stop(self, timeout_s: float = 60.0):
+        """SIGTERM, then the exit code (None if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        self.log.close()
+        return code
 
 
 @functools.lru_cache(maxsize=1)

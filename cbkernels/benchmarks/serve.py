@@ -1,0 +1,330 @@
+"""``cbkernels bench serve``: the HTTP server under load, against the engine alone and
+against ``transformers serve --continuous-batching``, in one run, loopback only.
+
+Workload: the 16 chat prompts of ``workloads.BENCH_PROMPTS`` in a fixed cycle, greedy, at most
+``max_tokens`` new tokens, streamed (Server-Sent Events, ``stream_options.include_usage``).
+Phases per system: closed loops of 1, 4, 16 and 64 clients (each sends its next request
+when the last one ends; a bounded number of requests per level), then an open loop with
+Poisson arrivals. The engine alone runs the same prompts through ``Engine`` directly
+(threads calling ``add_request`` / ``stream``) at the same concurrency: the ratio of the
+server's output tokens/s to it is the server's overhead. Both servers run as separate
+processes with the same KV capacity (8,192 tokens) and the same torch threads.
+
+Measured per request at the client: TTFT (request sent -> first content chunk), ITL (gaps
+between content chunks), output tokens (the server's usage), errors (HTTP status, error
+events, transport errors), 5xx, lost (a stream that ends without finishing).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..server.testing import ServerProcess, free_port
+from .common import device_name, print_table, pyplot, result_path, write_csv
+from .workloads import BENCH_PROMPTS
+
+LEVELS = (1, 4, 16, 64)
+REQUESTS = {1: 8, 4: 16, 16: 48, 64: 128}  # per closed-loop level
+POISSON = (3.0, 60)  # arrivals per second, requests
+NUM_BLOCKS, BLOCK_SIZE = 512, 16  # cbkernels' cache; transformers gets 32 x 256: the same 8,192 tokens
+PHASE_TIMEOUT_S = 600.0
+COLUMNS = ["system", "mode", "clients", "requests", "ok", "errors", "5xx", "lost", "wall_s", "req_per_s",
+           "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+
+
+@dataclass
+class Sample:
+    ok: bool = False
+    status: int = 0
+    tokens: int = 0
+    ttft_s: float | None = None
+    itl_s: list = field(default_factory=list)
+    error: str | None = None
+    lost: bool = False
+
+
+def _pct(values, q):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def summarize(system: str, mode: str, clients, samples: list[Sample], wall_s: float) -> dict:
+    ok = [s for s in samples if s.ok]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    itl = [x for s in ok for x in s.itl_s]
+    return {"system": system, "mode": mode, "clients": clients, "requests": len(samples), "ok": len(ok),
+            "errors": len(samples) - len(ok), "5xx": sum(500 <= s.status < 600 for s in samples),
+            "lost": sum(s.lost for s in samples), "wall_s": wall_s, "req_per_s": len(ok) / wall_s,
+            "out_tok_per_s": sum(s.tokens for s in ok) / wall_s, "ttft_p50_ms": _pct(ttft, 0.5) * 1e3,
+            "ttft_p99_ms": _pct(ttft, 0.99) * 1e3, "itl_p50_ms": _pct(itl, 0.5) * 1e3,
+            "itl_p99_ms": _pct(itl, 0.99) * 1e3}
+
+
+# ---------------------------------------------------------------- HTTP load
+async def _request(client, url: str, model: str, prompt: str, max_tokens: int) -> Sample:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    sample, start, last, chunks, finished, done = Sample(), time.perf_counter(), None, 0, False, False
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            sample.status = resp.status_code
+            if resp.status_code != 200:
+                sample.error = (await resp.aread()).decode(errors="replace")[:200]
+                return sample
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                obj = json.loads(line[6:])
+                if obj.get("error"):
+                    sample.error = str(obj["error"].get("message"))[:200]
+                if obj.get("usage"):
+                    sample.tokens = obj["usage"]["completion_tokens"]
+                for choice in obj.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        now = time.perf_counter()
+                        if last is None:
+                            sample.ttft_s = now - start
+                        else:
+                            sample.itl_s.append(now - last)
+                        last, chunks = now, chunks + 1
+                    finished = finished or choice.get("finish_reason") is not None
+    except Exception as exc:  # noqa: BLE001 - a failed request is a data point, not a crash
+        sample.error = f"{type(exc).__name__}: {exc}"[:200]
+        return sample
+    sample.tokens = sample.tokens or chunks
+    sample.lost = not (done and finished) and sample.error is None
+    sample.ok = done and finished and sample.error is None
+    return sample
+
+
+async def _closed_loop(url, model, clients, total, max_tokens):
+    import httpx
+
+    order = iter(range(total))
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=PHASE_TIMEOUT_S, limits=limits) as client:
+        async def worker():
+            for i in order:
+                samples.append(await _request(client, url, model, BENCH_PROMPTS[i % len(BENCH_PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), PHASE_TIMEOUT_S)
+        return samples, time.perf_counter() - start
+
+
+async def _open_loop(url, model, rate, total, max_tokens, seed=0):
+    import httpx
+
+    rng, delay, tasks = random.Random(seed), 0.0, []
+    async with httpx.AsyncClient(timeout=PHASE_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as client:
+        start = time.perf_counter()
+        for i in range(total):
+            delay += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(_request(client, url, model, BENCH_PROMPTS[i % len(BENCH_PROMPTS)],
+                                                        max_tokens)))
+        samples = await asyncio.wait_for(asyncio.gather(*tasks), PHASE_TIMEOUT_S)
+        return list(samples), time.perf_counter() - start
+
+
+def load_phases(system, url, model, max_tokens, scale=1.0, progress=True) -> list[dict]:
+    rows = []
+    asyncio.run(_closed_loop(url, model, 4, 4, max_tokens))  # warm-up: first requests, allocations
+    for clients in LEVELS:
+        total = max(clients, int(REQUESTS[clients] * scale))
+        rows.append(summarize(system, "closed", clients, *asyncio.run(_closed_loop(url, model, clients, total,
+                                                                                  max_tokens))))
+        if progress:
+            print(f"  {system}: {clients} clients, {rows[-1]['out_tok_per_s']:.1f} tok/s", flush=True)
+    rate, total = POISSON
+    samples, wall = asyncio.run(_open_loop(url, model, rate, max(8, int(total * scale)), max_tokens))
+    rows.append(summarize(system, f"poisson {rate:g}/s", "-", samples, wall))
+    return rows
+
+
+# ---------------------------------------------------------------- the engine alone
+def engine_phases(model, tokenizer, max_tokens, scale=1.0) -> list[dict]:
+    from transformers import GenerationConfig
+
+    from ..engine import BatchConfig, Engine
+    from .workloads import encode_prompts
+
+    prompts = encode_prompts(tokenizer, BENCH_PROMPTS)
+    eos = tokenizer.eos_token_id
+    gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
+    rows = []
+    with Engine(model, BatchConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=64)) as engine:
+        for clients in (4,) + LEVELS:  # the first pass warms up
+            total = max(clients, int(REQUESTS[clients] * scale))
+            order, lock, samples = iter(range(total)), threading.Lock(), []
+
+            def worker():
+                while True:
+                    with lock:
+                        i = next(order, None)
+                    if i is None:
+                        return
+                    sample, start, last = Sample(), time.perf_counter(), None
+                    rid = engine.add_request(prompts[i % len(prompts)], gc)
+                    for _ in engine.stream(rid):
+                        now = time.perf_counter()
+                        if last is None:
+                            sample.ttft_s = now - start
+                        else:
+                            sample.itl_s.append(now - last)
+                        last, sample.tokens = now, sample.tokens + 1
+                    out = engine.pop_result(rid)
+                    sample.ok, sample.error = out.error is None, out.error
+                    samples.append(sample)
+
+            threads = [threading.Thread(target=worker) for _ in range(clients)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rows.append(summarize("engine alone", "closed", clients, samples, time.perf_counter() - start))
+    return rows[1:]
+
+
+# ---------------------------------------------------------------- servers as processes
+def _env(threads):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _server_argv(kind, model_dir, port, threads):
+    if kind == "cbkernels":
+        argv = [sys.executable, "-m", "cbkernels", "serve", "--model", str(model_dir), "--port", str(port),
+                "--served-model-name", "bench", "--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE),
+                "--max-num-seqs", "64", "--max-queue", "256", "--log-level", "warning"]
+        return argv + (["--threads", str(threads)] if threads else [])
+    return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
+            "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--port", str(port), "--host",
+            "127.0.0.1", "--cb-block-size", "256", "--cb-num-blocks", str(NUM_BLOCKS * BLOCK_SIZE // 256),
+            "--log-level", "warning"]
+
+
+def serve_system(kind, model_dir, max_tokens, scale, threads, workdir, progress) -> tuple[list[dict], str | None]:
+    port = free_port()
+    server = ServerProcess(_server_argv(kind, model_dir, port, threads), port, workdir / f"{kind}.log", _env(threads))
+    try:
+        why = server.wait_ready()
+        if why is not None:
+            return [], why
+        name = "bench" if kind == "cbkernels" else str(model_dir)
+        return load_phases(f"{kind} serve", server.url, name, max_tokens, scale, progress), None
+    finally:
+        code = server.stop()
+        if progress:
+            print(f"  {kind} serve stopped (exit code {code})", flush=True)
+
+
+# ---------------------------------------------------------------- the run
+def _model_dir(model):
+    """A local safetensors directory of the model: the embedded GGUF (or a given one) converted
+    once by the model cache, or a given directory as it is."""
+    from ..model_cache import converted_gguf
+    from ..models import DEFAULT_GGUF, default_model_dir
+
+    if model is None:
+        return converted_gguf(default_model_dir() / DEFAULT_GGUF)
+    return converted_gguf(Path(model)) if str(model).endswith(".gguf") else Path(model)
+
+
+def _plot(rows, path):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        pts = [r for r in rows if r["system"] == system and r["mode"] == "closed"]
+        xs = [r["clients"] for r in pts]
+        left.plot(xs, [r["out_tok_per_s"] for r in pts], marker="o", label=system)
+        if system != "engine alone":
+            right.plot(xs, [r["ttft_p99_ms"] for r in pts], marker="o", label=system)
+    for ax, label in ((left, "output tokens/s"), (right, "p99 time to first token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"HTTP serving, SmolLM2-135M-Instruct, {device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _goals(rows) -> list[str]:
+    def at(system, clients):
+        return next((r for r in rows if r["system"] == system and r["clients"] == clients), None)
+
+    ours, alone, peer = at("cbkernels serve", 16), at("engine alone", 16), at("transformers serve", 16)
+    lines = []
+    if ours and peer:
+        lines.append(f"16 clients: {ours['out_tok_per_s'] / peer['out_tok_per_s']:.2f}x transformers serve's output "
+                     f"tokens/s (goal >= 1.3); p99 TTFT {ours['ttft_p99_ms']:.0f} ms vs {peer['ttft_p99_ms']:.0f} ms "
+                     f"(goal: no worse)")
+    if ours and alone:
+        lines.append(f"16 clients: server overhead {1 - ours['out_tok_per_s'] / alone['out_tok_per_s']:.1%} of the "
+                     f"engine's own tokens/s (goal <= 10%)")
+    big = at("cbkernels serve", 64)
+    if big:
+        lines.append(f"64 clients: {big['5xx']} responses 5xx, {big['lost']} lost, {big['errors']} errors of "
+                     f"{big['requests']} requests (goal: no 5xx, none lost)")
+    return lines
+
+
+def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bool = False, threads=None,
+                    peer: bool = True, progress: bool = True) -> list[dict]:
+    from ..cli.common import load_model_for_cli
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    scale = 0.5 if quick else 1.0
+    model_dir = _model_dir(model)
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="cbkernels-bench-serve-") as tmp:
+        print("cbkernels serve (a separate process):", flush=True)
+        got, why = serve_system("cbkernels", model_dir, max_tokens, scale, threads, Path(tmp), progress)
+        rows += got
+        if why:
+            notes.append(f"cbkernels serve did not start: {why}")
+        print("engine alone (this process, same prompts and cache):", flush=True)
+        hf_model, tokenizer, _ = load_model_for_cli(str(model_dir))
+        rows += engine_phases(hf_model, tokenizer, max_tokens, scale)
+        del hf_model
+        if peer:
+            print("transformers serve --continuous-batching (a separate process):", flush=True)
+            got, why = serve_system("transformers", model_dir, max_tokens, scale, threads, Path(tmp), progress)
+            rows += got
+            if why:
+                notes.append(f"transformers serve could not be measured: {why}")
+    print_table(rows, COLUMNS)
+    for line in _goals(rows) + notes:
+        print(line)
+    stem = "serve"
+    write_csv(result_path(stem, "csv", out_dir), rows + [{"system": "note", "mode": n} for n in notes])
+    _plot(rows, result_path(stem, "png", out_dir))
+    print(f"wrote {result_path(stem, 'csv', out_dir)} and .png")
+    return rows
