@@ -159,10 +159,10 @@ class ModelRunner:
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
         plan = self.plan(requests, num_tokens)
         meta = self.backend.build(plan)
-        if not sampling:
-            rows = [0]  # logits unused
+        if len(sampling) == len(requests):  # every sequence samples its last row: derived on the device
+            keep = meta.cu_seqlens_q[1:].to(torch.int64) - 1
         else:
             cu = plan.cu_seqlens_q  # host ints: no device-to-host read
-            rows = [cu[i + 1] - 1 for i in sampling]
-        keep = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+            rows = [cu[i + 1] - 1 for i in sampling] or [0]  # [0]: logits unused
+            keep = torch.tensor(rows, dtype=torch.int64, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
         return self.forward(meta, keep)[0]  # [S, V]

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .requests import Request
-from .sampling import warp
+from .sampling import distinct_params, warp
 
 
 def sample_on_device(logits: torch.Tensor, requests: Sequence[Request],
@@ -25,9 +25,10 @@ def sample_on_device(logits: torch.Tensor, requests: Sequence[Request],
     """Next tokens [S] int64 on the device, or None when some row needs host-side history
     or returns log-probabilities (then the caller samples on the host)."""
     params = [r.params for r in requests]
-    if any(p.processes_logits or p.return_logprobs or p.top_logprobs for p in params):
+    distinct = distinct_params(params)
+    if any(p.processes_logits or p.return_logprobs or p.top_logprobs for p in distinct):
         return None
-    if all(p.greedy for p in params):
+    if all(p.greedy for p in distinct):
         return torch.argmax(logits, dim=-1)
     scores = warp(logits.float(), requests)
     tokens = torch.argmax(scores, dim=-1)

@@ -82,13 +82,20 @@ def _unpack(host: list[float], n: int, k: int, top_rows: list[int], requests) ->
     return out
 
 
+def distinct_params(params: Sequence) -> list:
+    """Each parameter object once (by identity): per-step checks over many requests that share
+    a generation config cost one check, not one per row."""
+    return list({id(p): p for p in params}.values())
+
+
 def sample(logits: torch.Tensor, requests: Sequence[Request], generator: Optional[torch.Generator]) -> list[int]:
     """Next token of every row of ``logits [S, V]``, row i for ``requests[i]`` (whose
     ``tokens`` are its history up to this step). Rows that ask for log-probabilities get a
     ``SampledToken`` carrying them."""
     params = [r.params for r in requests]
-    want_logprobs = any(p.return_logprobs or p.top_logprobs for p in params)
-    if not want_logprobs and all(p.greedy and not p.processes_logits for p in params):
+    distinct = distinct_params(params)  # requests of one generation config share one object
+    want_logprobs = any(p.return_logprobs or p.top_logprobs for p in distinct)
+    if not want_logprobs and all(p.greedy and not p.processes_logits for p in distinct):
         return torch.argmax(logits, dim=-1).tolist()  # the common greedy step
     scores = process_logits(logits.float(), requests)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
