@@ -81,3 +81,18 @@ def load_default_model(dtype=torch.float32, **kwargs):
 def cached_default_model(dtype=torch.float32):
     """``load_default_model`` once per process (tests share it across modules)."""
     return load_default_model(dtype)
+
+
+def load_for_device(model_path=None, device=None, *, allow_pickle: bool = False):
+    """(model, tokenizer, device) ready to run: the embedded SmolLM2 when ``model_path`` is
+    None, else a local directory or .gguf file; fp32 on CPU, bf16 on CUDA; ``device`` None
+    picks CUDA when available. ValueError for a CUDA device that is not there."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': no CUDA device is available")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if model_path is None:
+        model, tok = load_default_model(dtype=dtype)
+    else:
+        model, tok = load_model(model_path, dtype=dtype, allow_pickle=allow_pickle)
+    return model.to(device), tok, device

@@ -295,7 +295,7 @@ def _goals(rows) -> list[str]:
 
 def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bool = False, threads=None,
                     peer: bool = True, progress: bool = True) -> list[dict]:
-    from ..cli.common import load_model_for_cli
+    from ..models import load_for_device
 
     if threads:
         import torch
@@ -311,7 +311,7 @@ def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bo
         if why:
             notes.append(f"cbkernels serve did not start: {why}")
         print("engine alone (this process, same prompts and cache):", flush=True)
-        hf_model, tokenizer, _ = load_model_for_cli(str(model_dir))
+        hf_model, tokenizer, _ = load_for_device(str(model_dir))
         rows += engine_phases(hf_model, tokenizer, max_tokens, scale)
         del hf_model
         if peer:

@@ -7,22 +7,16 @@ class UsageError(Exception):
 
 
 def load_model_for_cli(model_path=None, device=None, *, allow_pickle: bool = False):
-    """(model, tokenizer, device) for a command: the embedded SmolLM2 when ``model_path`` is
-    None, else a local directory or .gguf file; fp32 on CPU, bf16 on CUDA. ``device`` None
-    picks CUDA when available. Loading problems become a ``UsageError``."""
-    import torch
+    """``cbkernels.models.load_for_device`` for a command: loading problems (a missing CUDA
+    device, an unreadable model) become a one-line ``UsageError``."""
+    from ..models import load_for_device
 
-    from ..models import load_default_model, load_model
+    if device == "cuda":
+        import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
     try:
-        if model_path is None:
-            model, tok = load_default_model(dtype=dtype)
-        else:
-            model, tok = load_model(model_path, dtype=dtype, allow_pickle=allow_pickle)
+        return load_for_device(model_path, device, allow_pickle=allow_pickle)
     except (ValueError, OSError) as exc:
         raise UsageError(f"cannot load model: {str(exc).splitlines()[0]}") from None
-    return model.to(device), tok, device
