@@ -31,11 +31,12 @@ import triton
 import triton.language as tl
 
 from ._common import AotConfig, interpreting
+from .fp8 import FP8_FORMATS, FP8_MIN_ARCH
 from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch decisions of this kernel)
     DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_STAGES, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
 )
-from .paged_attention_tiles import LOOP_RANGE
+from .paged_attention_tiles import _TRITON_DTYPE, LOOP_RANGE, _attention_signature
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln 2: converts the kernel's base-2 log-sum-exp to natural log
@@ -78,11 +79,15 @@ def _paged_attention_kernel(
     store_lse,
     num_splits,
     one_tile_per_seq,  # 1 when max_seqlen_q * group <= BLOCK_M: program pid serves sequence pid
+    k_scale_ptr,  # fp8 caches: [] or [Hkv] fp32, dequantized = stored * scale
+    v_scale_ptr,
+    scale_stride,  # 0: one scale per tensor, 1: one per KV head
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
     IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32)
     UPCAST: tl.constexpr,  # interpreter + bf16 only: compute on fp32 copies of the tiles
+    KV_FP8: tl.constexpr,  # fp8 cache: tiles converted (exactly) to q's dtype, scales folded in
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -135,6 +140,12 @@ def _paged_attention_kernel(
     it_begin = tile_lo + split * per_split
     it_end = tl.minimum(it_begin + per_split, tile_lo + n_tiles)
 
+    if KV_FP8:
+        # One KV head per program, so both scales are scalars: K's folds into the logit scale
+        # (q . (k * s) = (q . k) * s), V's into the output (sum p (v * s) = s * sum p v).
+        k_scale = tl.load(k_scale_ptr + kv_head * scale_stride)
+        scale_log2 = scale_log2 * k_scale
+        softcap_scale = softcap_scale * k_scale
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -156,6 +167,9 @@ def _paged_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:  # every fp8 number is exact in fp16, bf16 and fp32
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -182,6 +196,8 @@ def _paged_attention_kernel(
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr + kv_head * scale_stride)
     out_row = q_tok * num_q_heads + row_head  # [BLOCK_M] index into [T, Hq]
     if num_splits == 1:
         if has_sinks:
@@ -263,6 +279,8 @@ def launch_paged_attention(
     max_seqlen_k: int | None,
     num_splits: int | None = None,
     workspace: torch.Tensor | None = None,  # fp32, >= plan.workspace_numel(T, Hq) elements
+    k_scale: torch.Tensor | None = None,  # fp8 caches: [] or [Hkv] fp32
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch on inputs the caller has validated. ``num_splits`` forces the split-KV count
     (None: ``pick_num_splits``). Split partials go to ``workspace`` when given (a caller that
@@ -291,6 +309,7 @@ def launch_paged_attention(
                        max_seqlen_q, max_seqlen_k, num_splits)
     tile, d_pad, splits = plan.tile, plan.d_pad, plan.num_splits
     upcast = interpreting() and q.dtype == torch.bfloat16
+    fp8 = k_cache.dtype in FP8_FORMATS
     # The interpreter truncates fp32 -> bf16 stores; write fp32 there and let torch round.
     target = torch.empty(out.shape, dtype=torch.float32, device=out.device) if upcast else out
 
@@ -319,8 +338,9 @@ def launch_paged_attention(
         int(sliding_window or 0),
         int(sinks is not None), int(lse is not None), splits,
         int(max_seqlen_q * (num_q_heads // num_kv_heads) <= tile.block_m),
+        k_scale if fp8 else sinks_f, v_scale if fp8 else sinks_f, int(fp8 and k_scale.dim() == 1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
-        IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast, KV_FP8=fp8,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1:
@@ -334,24 +354,6 @@ def launch_paged_attention(
 
 
 # --------------------------------------------------------------------------- AOT configs
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _attention_signature(dtype: str, index: str) -> dict[str, str]:
-    return {
-        "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
-        "block_tables_ptr": "*i32", "seq_lens_ptr": f"*{index}", "cu_seqlens_q_ptr": f"*{index}",
-        "sinks_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32",
-        "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-        "batch": "i32", "num_tokens": "i32", "num_q_heads": "i32", "group": "i32", "head_dim": "i32",
-        "stride_q_tok": "i32", "stride_kv_slot": "i32", "stride_table": "i32", "log2_block_size": "i32",
-        "scale_log2": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32", "sliding_window": "i32", "has_sinks": "i32",
-        "store_lse": "i32", "num_splits": "i32", "one_tile_per_seq": "i32",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D_PAD": "constexpr",
-        "IEEE_DOT": "constexpr", "UPCAST": "constexpr",
-    }
-
-
 def aot_configs() -> list[AotConfig]:
     """Every (dtype, head-dim pad, tile) the launcher can pick on sm_80 and sm_90, plus the merge.
 
@@ -363,17 +365,20 @@ def aot_configs() -> list[AotConfig]:
     for arch in sorted(TILES):
         for (kind, size, d_pad), tile in TILES[arch].items():
             dtypes = (torch.float32,) if size == 4 else (torch.float16, torch.bfloat16)
+            caches = [None] + ([f.triton_name for f in FP8_FORMATS.values()] if arch >= FP8_MIN_ARCH else [])
             for dtype in dtypes:
                 name = _TRITON_DTYPE[dtype]
-                configs.append(AotConfig(
-                    f"paged_attention[{kind},{name},d{d_pad},m{tile.block_m},n{tile.block_n},"
-                    f"w{tile.num_warps},s{tile.num_stages}]",
-                    _paged_attention_kernel, _attention_signature(name, "i32"),
-                    {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "D_PAD": d_pad,
-                     "IEEE_DOT": dtype == torch.float32, "UPCAST": False},
-                    tile.num_warps, tile.num_stages,
-                    divisible=("head_dim", "stride_q_tok", "stride_kv_slot"), archs=(arch,),
-                ))
+                for cache in caches:
+                    kv = f",kv={cache}" if cache else ""
+                    configs.append(AotConfig(
+                        f"paged_attention[{kind},{name}{kv},d{d_pad},m{tile.block_m},n{tile.block_n},"
+                        f"w{tile.num_warps},s{tile.num_stages}]",
+                        _paged_attention_kernel, _attention_signature(name, "i32", cache),
+                        {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "D_PAD": d_pad,
+                         "IEEE_DOT": dtype == torch.float32, "UPCAST": False, "KV_FP8": cache is not None},
+                        tile.num_warps, tile.num_stages,
+                        divisible=("head_dim", "stride_q_tok", "stride_kv_slot"), archs=(arch,),
+                    ))
     for dtype, name in _TRITON_DTYPE.items():
         for d_pad in (64, 128, 256):
             configs.append(AotConfig(

@@ -221,3 +221,25 @@ def plan_launch(device: torch.device, dtype: torch.dtype, num_tokens: int, batch
         num_splits = pick_num_splits(grid_m * num_kv_heads, max_seqlen_k, sm_count(device),
                                      num_tokens * num_q_heads * (d_pad + 1) * 4)
     return LaunchPlan(tile, d_pad, grid_m, num_splits)
+
+
+# --------------------------------------------------------------------------- AOT signature
+# The compile gate's view of _paged_attention_kernel's arguments (kept here: plain data).
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _attention_signature(dtype: str, index: str, cache: str | None = None) -> dict[str, str]:
+    cache = cache or dtype
+    return {
+        "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}",
+        "block_tables_ptr": "*i32", "seq_lens_ptr": f"*{index}", "cu_seqlens_q_ptr": f"*{index}",
+        "sinks_ptr": "*fp32", "out_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+        "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
+        "batch": "i32", "num_tokens": "i32", "num_q_heads": "i32", "group": "i32", "head_dim": "i32",
+        "stride_q_tok": "i32", "stride_kv_slot": "i32", "stride_table": "i32", "log2_block_size": "i32",
+        "scale_log2": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32", "sliding_window": "i32", "has_sinks": "i32",
+        "store_lse": "i32", "num_splits": "i32", "one_tile_per_seq": "i32",
+        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_stride": "i32",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D_PAD": "constexpr",
+        "IEEE_DOT": "constexpr", "UPCAST": "constexpr", "KV_FP8": "constexpr",
+    }

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .kv_cache import FP8_MAX, dequantize
+
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
@@ -22,14 +24,19 @@ def paged_attention(
     return_lse: bool = False,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    k_scale: torch.Tensor | None = None,  # fp8 caches: [] or [Hkv] fp32
+    v_scale: torch.Tensor | None = None,
 ):
     """Causal (bottom-right aligned) attention of packed query rows over a paged KV cache.
 
     Query row r of a sequence with ``Lq`` new rows and ``L = seq_lens[b]`` keys sits at
     position ``L - Lq + r`` and sees key positions ``p <= pos`` (and ``p > pos - sliding_window``
     when a window is given). ``lse`` is the natural log of the softmax denominator, sinks
-    included. ``max_seqlen_*`` are accepted for signature parity and ignored.
+    included. ``max_seqlen_*`` are accepted for signature parity and ignored. An fp8 cache is
+    read as ``stored * scale`` (per tensor or per KV head), in float64.
     """
+    if k_cache.dtype in FP8_MAX:
+        k_cache, v_cache = dequantize(k_cache, k_scale), dequantize(v_cache, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads

@@ -11,6 +11,9 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# KV-cache formats stored as 8-bit floats with an fp32 scale (dequantized = stored * scale).
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Head dims the attention kernel tiles: padded to the next power of two and masked, so any
 # multiple of 8 up to 256 works (8 keeps fp16/bf16 rows 16-byte aligned for vector loads).
@@ -68,18 +71,66 @@ def values_checkable(*tensors: torch.Tensor) -> bool:
 
 
 def check_cache_pair(k_cache, v_cache) -> None:
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=CACHE_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=CACHE_DTYPES)
     check_same("v_cache", v_cache, "k_cache", k_cache)
 
 
-def check_scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def check_kv_scales(k_cache, k_scale, v_scale) -> None:
+    """fp8 caches need both scales (fp32, ``[]`` or ``[Hkv]``, on the cache's device); other
+    caches take none. On CUDA, fp8 needs an arch the compile gate builds fp8 kernels for."""
+    if not is_fp8(k_cache.dtype):
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} is only for fp8 caches; k_cache is {_dtype_name(k_cache.dtype)}")
+        return
+    num_kv_heads = k_cache.shape[2]
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required for an fp8 cache ({_dtype_name(k_cache.dtype)}): "
+                             "dequantized = stored * scale")
+        check_tensor(name, scale, dtypes=(torch.float32,), device=k_cache.device)
+        if not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == num_kv_heads)):
+            raise ValueError(f"{name} must be [] (per tensor) or [{num_kv_heads}] (per KV head), "
+                             f"got shape {tuple(scale.shape)}")
+        if values_checkable(scale) and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"{name} must hold positive finite values")
+    if k_scale.dim() != v_scale.dim():
+        raise ValueError(f"v_scale must have the shape of k_scale {tuple(k_scale.shape)}, got {tuple(v_scale.shape)}")
+    check_fp8_device(k_cache.device)
+
+
+def check_fp8_device(device: torch.device, name: str = "k_cache") -> None:
+    """fp8 caches on CUDA need compute capability >= FP8_MIN_ARCH / 10 (the compile gate's answer)."""
+    if device.type != "cuda":
+        return
+    from cbkernels.kernels.fp8 import FP8_MIN_ARCH
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if major * 10 + minor < FP8_MIN_ARCH:
+        raise ValueError(f"{name}: fp8 KV caches need compute capability >= {FP8_MIN_ARCH / 10:.1f} "
+                         f"(this GPU is sm_{major}{minor}; the compile gate builds fp8 kernels for "
+                         f"sm_{FP8_MIN_ARCH} only)")
+
+
+def check_compute_dtype(name: str, t, k_cache) -> None:
+    """Rows entering or leaving a cache: the cache's dtype, or any float dtype for fp8 caches."""
+    if is_fp8(k_cache.dtype):
+        return
+    if t.dtype != k_cache.dtype:
+        raise ValueError(f"{name} must have the dtype of k_cache ({_dtype_name(k_cache.dtype)}), got {_dtype_name(t.dtype)}")
+
+
+def check_scatter_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     check_cache_pair(k_cache, v_cache)
     device = k_cache.device
     check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, device=device)
     check_same("value", value, "key", key)
-    if key.dtype != k_cache.dtype:
-        raise ValueError(f"key must have the dtype of k_cache ({_dtype_name(k_cache.dtype)}), got {_dtype_name(key.dtype)}")
+    check_compute_dtype("key", key, k_cache)
     if tuple(key.shape[1:]) != tuple(k_cache.shape[2:]):
         raise ValueError(
             f"key must be [T, {k_cache.shape[2]}, {k_cache.shape[3]}] to match k_cache, got {tuple(key.shape)}"
@@ -95,6 +146,7 @@ def check_scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
                 f"slot_mapping holds slot {top}, past the cache's {num_slots} slots "
                 f"(num_blocks * block_size = {k_cache.shape[0]} * {k_cache.shape[1]})"
             )
+    check_kv_scales(k_cache, k_scale, v_scale)
 
 
 def check_block_tables(block_tables, seq_lens, k_cache, *, batch: int | None = None, values: bool = True) -> None:
@@ -129,9 +181,16 @@ def check_block_tables(block_tables, seq_lens, k_cache, *, batch: int | None = N
         raise ValueError(f"block_tables has an entry outside [0, {num_blocks}) inside a sequence's length")
 
 
-def check_gather_kv(k_cache, v_cache, block_tables, seq_lens) -> None:
+def check_gather_kv(k_cache, v_cache, block_tables, seq_lens, k_scale=None, v_scale=None, dtype=None) -> None:
     check_cache_pair(k_cache, v_cache)
     check_block_tables(block_tables, seq_lens, k_cache)
+    check_kv_scales(k_cache, k_scale, v_scale)
+    if dtype is not None:
+        if not is_fp8(k_cache.dtype):
+            raise ValueError(f"dtype is only for fp8 caches (the output of a {_dtype_name(k_cache.dtype)} "
+                             "cache has its dtype); got dtype=" + repr(dtype))
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
 
 def check_copy_blocks(k_cache, v_cache, block_mapping) -> None:
@@ -158,12 +217,12 @@ def _is_power_of_two(n: int) -> bool:
 def check_paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
     scale, sliding_window, softcap, sinks, out, max_seqlen_q, max_seqlen_k, num_splits=None,
+    k_scale=None, v_scale=None,
 ) -> None:
     check_cache_pair(k_cache, v_cache)
     device = k_cache.device
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, device=device)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q must have the dtype of k_cache ({_dtype_name(k_cache.dtype)}), got {_dtype_name(q.dtype)}")
+    check_compute_dtype("q", q, k_cache)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -206,6 +265,7 @@ def check_paged_attention(
     for name, bound in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if bound is not None and not (isinstance(bound, int) and bound >= 0):
             raise ValueError(f"{name} must be a non-negative int or None, got {bound!r}")
+    check_kv_scales(k_cache, k_scale, v_scale)
     if not values or not values_checkable(cu_seqlens_q, seq_lens):
         return
     cu = cu_seqlens_q.to(torch.int64)
@@ -225,6 +285,7 @@ def check_paged_attention(
 def prepare_paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, *,
     scale, sliding_window, softcap, sinks, out, return_lse, max_seqlen_q, max_seqlen_k, num_splits=None,
+    k_scale=None, v_scale=None,
 ):
     """The front half every ``paged_attention`` entry point shares: validate, resolve the
     default scale, allocate ``out`` and (when asked) ``lse``. Returns ``(scale, out, lse)``."""
@@ -232,6 +293,7 @@ def prepare_paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale=scale,
         sliding_window=sliding_window, softcap=softcap, sinks=sinks, out=out,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+        k_scale=k_scale, v_scale=v_scale,
     )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if out is None:

@@ -30,21 +30,55 @@ def slots_for(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: in
     return blocks * block_size + positions % block_size
 
 
-def scatter_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def gather_dtype(cache_dtype: torch.dtype, dtype) -> torch.dtype:
+    """Output dtype of gather_kv: fp8 caches dequantize to ``dtype`` (float32 by default)."""
+    return (dtype or torch.float32) if cache_dtype in FP8_MAX else cache_dtype
+
+
+def _per_head(scale: torch.Tensor) -> torch.Tensor:
+    """[] or [Hkv] -> broadcastable over [..., Hkv, D]."""
+    return scale.unsqueeze(-1) if scale.dim() else scale
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``x / scale`` saturated to the fp8 format's finite range, rounded to nearest even."""
+    limit = FP8_MAX[dtype]
+    return (x.float() / _per_head(scale)).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize(stored: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """``stored * scale`` in fp32, rounded once to ``dtype`` (no-op for non-fp8 tensors)."""
+    if stored.dtype not in FP8_MAX:
+        return stored
+    return (stored.float() * _per_head(scale)).to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8 (CPU index_copy_ has no fp8 kernel; a copy moves bits anyway)."""
+    return t.view(torch.uint8) if t.dtype in FP8_MAX else t
+
+
+def scatter_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     row_shape = k_cache.shape[2:]
+    if k_cache.dtype in FP8_MAX:
+        key, value = quantize(key, k_scale, k_cache.dtype), quantize(value, v_scale, v_cache.dtype)
     keep = slot_mapping >= 0
     slots = slot_mapping.to(torch.int64)
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[keep], value[keep]
-    k_cache.view(-1, *row_shape).index_copy_(0, slots, key)
-    v_cache.view(-1, *row_shape).index_copy_(0, slots, value)
+    bits(k_cache).view(-1, *row_shape).index_copy_(0, slots, bits(key))
+    bits(v_cache).view(-1, *row_shape).index_copy_(0, slots, bits(value))
 
 
-def gather_kv(k_cache, v_cache, block_tables, seq_lens):
+def gather_kv(k_cache, v_cache, block_tables, seq_lens, k_scale=None, v_scale=None, dtype=None):
     row_shape = k_cache.shape[2:]
     slots = slots_for(block_tables, seq_lens, k_cache.shape[1])
-    keys = k_cache.view(-1, *row_shape).index_select(0, slots)
-    values = v_cache.view(-1, *row_shape).index_select(0, slots)
+    out = gather_dtype(k_cache.dtype, dtype)
+    keys = dequantize(k_cache.view(-1, *row_shape).index_select(0, slots), k_scale, out)
+    values = dequantize(v_cache.view(-1, *row_shape).index_select(0, slots), v_scale, out)
     cu = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=k_cache.device)
     cu[1:] = torch.cumsum(seq_lens, 0)
     return keys, values, cu
@@ -52,20 +86,21 @@ def gather_kv(k_cache, v_cache, block_tables, seq_lens):
 
 def copy_blocks(k_cache, v_cache, block_mapping) -> None:
     src, dst = block_mapping[:, 0].to(torch.int64), block_mapping[:, 1].to(torch.int64)
-    k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-    v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+    k_bits, v_bits = bits(k_cache), bits(v_cache)
+    k_bits.index_copy_(0, dst, k_bits.index_select(0, src))
+    v_bits.index_copy_(0, dst, v_bits.index_select(0, src))
 
 
-def _history(cache: torch.Tensor, table_row: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[Hkv, L, D] view-gather of one sequence's keys or values."""
+def _history(cache: torch.Tensor, table_row: torch.Tensor, kv_len: int, scale=None, dtype=None) -> torch.Tensor:
+    """[Hkv, L, D] view-gather of one sequence's keys or values (fp8: dequantized to ``dtype``)."""
     block_size = cache.shape[1]
     n_blocks = -(-kv_len // block_size)
     rows = cache.index_select(0, table_row[:n_blocks].to(torch.int64))
-    return rows.flatten(0, 1)[:kv_len].transpose(0, 1)
+    return dequantize(rows.flatten(0, 1)[:kv_len], scale, dtype).transpose(0, 1)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, out, lse, *,
-                    scale, sliding_window, softcap, sinks) -> None:
+                    scale, sliding_window, softcap, sinks, k_scale=None, v_scale=None) -> None:
     """Per-sequence attention into ``out`` [T, Hq, D] (and ``lse`` [T, Hq] when given).
 
     Plain causal attention goes through SDPA; softcap, sinks or lse use explicit fp32 math.
@@ -79,8 +114,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, o
         n_rows = end - start
         if n_rows == 0:
             continue
-        keys = _history(k_cache, block_tables[b], kv_len)  # [Hkv, L, D]
-        values = _history(v_cache, block_tables[b], kv_len)
+        keys = _history(k_cache, block_tables[b], kv_len, k_scale, q.dtype)  # [Hkv, L, D]
+        values = _history(v_cache, block_tables[b], kv_len, v_scale, q.dtype)
         queries = q[start:end].transpose(0, 1)  # [Hq, Lq, D]
         mask = None
         if n_rows > 1 or sliding_window is not None:
