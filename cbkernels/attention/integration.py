@@ -47,6 +47,26 @@ def cbkernels_attention(module, query, key, value, attention_mask, dropout: floa
     return out, None
 
 
+class AttentionSwitch:
+    """Switches one model to ``attn_implementation="cbkernels"`` while an engine runs and
+    back to what it had before (``activate`` is idempotent; ``restore`` only undoes its own)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved: str | None = None
+
+    def activate(self) -> None:
+        current = self.model.config._attn_implementation
+        if self.saved is None and current != NAME:
+            self.saved = current
+            self.model.set_attn_implementation(NAME)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            self.model.set_attn_implementation(self.saved)
+            self.saved = None
+
+
 def register() -> None:
     """Make ``attn_implementation="cbkernels"`` available in transformers (idempotent)."""
     global _registered

@@ -41,7 +41,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..attention.integration import NAME, register
+from ..attention.integration import AttentionSwitch, register
 from ..attention.registry import make_backend
 from .cache import PagedAttentionCache
 from .cache_sizing import check_max_num_seqs, resolve_config
@@ -85,7 +85,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._stats = EngineMetrics()
         self._ids = itertools.count()
-        self._saved_attn: Optional[str] = None
+        self._switch = AttentionSwitch(model)  # attn_implementation "cbkernels" while steps run
         self._vocab_size = getattr(mc, "vocab_size", None)
         self._max_positions = getattr(mc, "max_position_embeddings", None)
         self.num_steps = 0
@@ -106,7 +106,7 @@ class Engine:
         """Stop the serving loop after its current step; queued requests stay queued."""
         self._loop.stop(timeout)
         with self._lock:
-            self._restore()
+            self._switch.restore()
 
     @property
     def loop_error(self) -> Optional[BaseException]:
@@ -119,27 +119,15 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # ---------------------------------------------------------------- attention switch
-    def _activate(self) -> None:
-        current = self.model.config._attn_implementation
-        if self._saved_attn is None and current != NAME:
-            self._saved_attn = current
-            self.model.set_attn_implementation(NAME)
-
-    def _restore(self) -> None:
-        if self._saved_attn is not None:
-            self.model.set_attn_implementation(self._saved_attn)
-            self._saved_attn = None
-
     @contextmanager
     def _attention(self):
-        self._activate()
+        self._switch.activate()
         try:
             yield
         finally:
             with self._lock:
                 if not self._loop.runs_elsewhere():
-                    self._restore()
+                    self._switch.restore()
 
     # ---------------------------------------------------------------- requests
     def _spec(self, generation_config, tokenizer=None, return_logprobs=None, top_logprobs=0) -> GenerationSpec:
@@ -264,99 +252,53 @@ class Engine:
                 self._changed.notify_all()
 
     def _step(self) -> list[tuple[str, int]]:
-        if self.config.async_scheduling:
-            return self._step_async()
+        """1. schedule; 2. run (launch; with asynchronous scheduling the previous step's tokens
+        are read back while this one runs, see ``cbkernels.engine.overlap``); 3. postprocess."""
         start = time.perf_counter()
-        self._activate()
-        # 1. schedule
+        self._switch.activate()
         batch = self.scheduler.schedule()
         scheduled = time.perf_counter()
         self.num_steps += 1
         for req in batch.failed:
             self._stats.record_request(req.to_output())
-        if not batch.requests:
-            if not self.scheduler.has_work():
-                self._restore()
-            return []
         for req in batch.requests:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
-        # 2. run
-        try:
-            sampled = self.runner.run(batch)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below unless an ordinary error
-            self._fail_requests(batch.requests, f"step failed: {type(exc).__name__}: {exc}")
-            if not isinstance(exc, Exception):
-                raise
-            self._stats.record_step(batch.num_tokens, 0, len(batch.preempted), time.perf_counter() - start,
-                                    self.cache.num_used_blocks())
-            return []
-        # 3. postprocess
-        ran = time.perf_counter()
-        for req in self.scheduler.postprocess(batch, sampled, ran):
-            self._stats.record_request(req.to_output())
-        made = [(r.request_id, t) for r, t in zip(batch.requests, sampled) if t is not None]
-        self.last_step_timing = {"schedule": scheduled - start, **self.runner.timing,
-                                 "postprocess": time.perf_counter() - ran}
-        self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
-                                self.cache.num_used_blocks(), self.runner.timing["forward"])
-        if not self.scheduler.has_work():
-            self._restore()
-        return made
-
-    def _step_async(self) -> list[tuple[str, int]]:
-        """schedule N -> launch N -> read back N-1's tokens while N runs -> commit N (see
-        ``cbkernels.engine.overlap``)."""
-        start = time.perf_counter()
-        self._activate()
-        batch = self.scheduler.schedule()
-        scheduled = time.perf_counter()
-        self.num_steps += 1
-        for req in batch.failed:
-            self._stats.record_request(req.to_output())
         launched, error = None, None
-        if batch.requests:
-            for req in batch.requests:
-                if req.first_scheduled_time is None:
-                    req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
-            try:
-                launched = self.runner.launch(batch)
-            except BaseException as exc:  # noqa: BLE001 - handled after the step in flight is read back
-                error = exc
-                self.runner.previous = None
+        try:
+            if batch.requests:
+                launched = self.runner.launch(batch, on_device=self.config.async_scheduling)
+        except BaseException as exc:  # noqa: BLE001 - handled after the step in flight is read back
+            error, self.runner.previous = exc, None
         made = self._read_back(self._in_flight) if self._in_flight is not None else []
         self._in_flight = None
         ran = time.perf_counter()
+        if launched is not None and launched.needs_host_sampling:
+            try:  # sampled on the host now that the previous step's tokens are in the histories
+                self.runner.sample_on_host(launched)
+            except BaseException as exc:  # noqa: BLE001
+                error = exc
         if error is not None:
             self._fail_requests(batch.requests, f"step failed: {type(error).__name__}: {error}")
             if not isinstance(error, Exception):
                 raise error
         elif launched is not None:
-            if launched.needs_host_sampling:  # histories are complete now: sample, finish the step
-                self.runner.sample_on_host(launched)
-                self.scheduler.commit(batch, self._sampling_flags(launched))
-                made += self._read_back(launched)
-            else:
-                self.scheduler.commit(batch, self._sampling_flags(launched))
+            self.scheduler.commit(batch, launched.sampling_flags())
+            if launched.tokens is not None:  # tokens still on the device: read back next step
                 self._in_flight = launched
                 self._stats.async_steps += 1
+            else:
+                made += self._read_back(launched)
         self.last_step_timing = {"schedule": scheduled - start, **self.runner.timing,
                                  "postprocess": time.perf_counter() - ran}
         self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
                                 self.cache.num_used_blocks(), self.runner.timing["forward"])
-        if not self.scheduler.has_work() and self._in_flight is None:
-            self._restore()
+        if not self._has_work():
+            self._switch.restore()
         return made
 
     def _has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
-
-    @staticmethod
-    def _sampling_flags(step) -> list[bool]:
-        flags = [False] * len(step.batch.requests)
-        for i in step.sampling:
-            flags[step.order[i]] = True
-        return flags
 
     def _read_back(self, step) -> list[tuple[str, int]]:
         """The tokens of a launched step (waiting for them), applied: states, stops, metrics."""

@@ -116,45 +116,36 @@ class ModelRunner:
             logits = self._eager(requests, counts, sampling)
         return order, requests, sampling, logits
 
-    @torch.inference_mode()
     def run(self, batch) -> list[Optional[int]]:
-        """Run a scheduled batch (copy-on-write copies first); returns one entry per
-        ``batch.requests``: the sampled token, or None for a prefill chunk that does not reach
-        the end of its prompt."""
-        start = time.perf_counter()
-        self.previous = None
-        order, requests, sampling, logits = self._forward_batch(batch)
-        sampled_at = time.perf_counter()
-        result: list[Optional[int]] = [None] * len(order)
-        if sampling:
-            tokens = sample(logits, [requests[i] for i in sampling], self.generator)
-            for i, token in zip(sampling, tokens):
-                result[order[i]] = token
-        self.timing["sample"] = time.perf_counter() - sampled_at
-        self.timing["prepare"] = sampled_at - start - self.timing["forward"]
-        return result
+        """Run a scheduled batch and sample on the host: one entry per ``batch.requests``, the
+        sampled token or None for a prefill chunk that does not reach the end of its prompt."""
+        step = self.launch(batch, on_device=False)
+        return step.sampled()
 
     @torch.inference_mode()
-    def launch(self, batch) -> InFlightStep:
-        """Asynchronous scheduling: run a batch and sample on the device, without waiting for
-        the tokens. Inputs still in flight from the previous launch are read on the device.
-        When a row needs its full history on the host (logits processors, log-probabilities)
-        the step keeps its logits and samples on the host once that history is complete
-        (``InFlightStep.needs_host_sampling``)."""
+    def launch(self, batch, *, on_device: bool = False) -> InFlightStep:
+        """Run a scheduled batch (copy-on-write copies first) and sample. ``on_device``
+        (asynchronous scheduling): the tokens stay on the device, with their copy to the host
+        under way, and inputs still in flight from the previous launch are read there; a step
+        whose rows need their history on the host (logits processors, log-probabilities)
+        keeps its logits instead and is sampled by ``sample_on_host`` once the previous
+        step's tokens are back. Otherwise the host samples at once."""
         start = time.perf_counter()
         order, requests, sampling, logits = self._forward_batch(batch)
         sampled_at = time.perf_counter()
         rows = [requests[i] for i in sampling]
-        tokens = sample_on_device(logits, rows, self.generator) if sampling else None
+        tokens = sample_on_device(logits, rows, self.generator) if on_device and sampling else None
         step = InFlightStep(batch, order, sampling, rows, logits, tokens)
         self.previous = step if tokens is not None else None
+        if not on_device:
+            self.sample_on_host(step)
         self.timing["sample"] = time.perf_counter() - sampled_at
         self.timing["prepare"] = sampled_at - start - self.timing["forward"]
         return step
 
     def sample_on_host(self, step: InFlightStep) -> None:
-        """The host sampling of a step that needs it (its rows' histories now complete)."""
-        step.host_tokens = sample(step.logits, step.rows, self.generator)
+        """The host sampling of a step (its rows' histories complete)."""
+        step.host_tokens = sample(step.logits, step.rows, self.generator) if step.rows else []
 
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
         plan = self.plan(requests, num_tokens)

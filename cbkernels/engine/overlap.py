@@ -62,7 +62,14 @@ class InFlightStep:
 
     @property
     def needs_host_sampling(self) -> bool:
-        return self.tokens is None and bool(self.sampling)
+        return self.tokens is None and bool(self.sampling) and self.host_tokens is None
+
+    def sampling_flags(self) -> list[bool]:
+        """One entry per ``batch.requests``: whether its row samples a token this step."""
+        flags = [False] * len(self.batch.requests)
+        for i in self.sampling:
+            flags[self.order[i]] = True
+        return flags
 
     def sampled(self) -> list:
         """One entry per ``batch.requests``: its token (waiting for the copy), or None."""
