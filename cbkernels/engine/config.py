@@ -10,6 +10,9 @@ from ..attention.registry import BACKENDS as _BACKEND_CLASSES
 from .scheduler_names import SCHEDULER_NAMES as SCHEDULERS
 
 BACKENDS = ("auto", *_BACKEND_CLASSES)
+# KV-cache element formats: "auto" stores K/V in the model's dtype; the fp8 formats store one
+# byte an element with per-layer, per-KV-head fp32 scales (docs/fp8.md).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(slots=True)
@@ -39,6 +42,10 @@ class BatchConfig:
     * ``async_scheduling``: schedule and build step N+1 while step N runs on the device
       (``cbkernels.engine.overlap``). ``None`` (default): on for CUDA, off elsewhere (a CPU
       has nothing to overlap; ``True`` there runs the same code, for tests).
+    * ``kv_cache_dtype``: ``"auto"`` (the model's dtype) or ``"fp8_e4m3"`` / ``"fp8_e5m2"``:
+      one byte an element, so the same memory holds twice the blocks of a bf16 cache. Scales
+      come from the checkpoint (``k_scale`` / ``v_scale`` on the attention modules) or are
+      computed from each layer's first prefill (docs/fp8.md). CUDA needs sm_90 or newer.
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
     """
 
@@ -56,6 +63,7 @@ class BatchConfig:
     device: Optional[torch.device] = None
     use_cuda_graph: Optional[bool] = None
     async_scheduling: Optional[bool] = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_tokens"):
@@ -73,6 +81,10 @@ class BatchConfig:
         for name in ("scheduler", "backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.kv_cache_dtype, str):
+            raise TypeError(f"kv_cache_dtype must be a str, got {type(self.kv_cache_dtype).__name__}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.prefix_caching, bool):
             raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
