@@ -171,3 +171,10 @@ def assert_pool_accounting(cache) -> None:
     assert len(free) == len(set(free)), "a block is listed free twice"
     assert set(free) == {b for b, n in enumerate(owners) if n == 0}
     assert set(pool.evictable) <= set(pool.block_to_hash) and not set(pool.free_ids) & set(pool.block_to_hash)
+
+
+def reference_tokens(model, prompts, generation_config) -> list[list[int]]:
+    """What ``model.generate()`` produces for each prompt alone: the engines' ground truth."""
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p], device=model.device), generation_config=generation_config)[0, len(p):]
+                .tolist() for p in prompts]

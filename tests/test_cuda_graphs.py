@@ -194,18 +194,23 @@ def test_padding_rows_write_nothing(llama, prompts, backend):
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 
 
+def _prefilled_triton_engine(model, prompts, num_blocks):
+    """A padded-bucket engine on the Triton path with ``prompts`` prefilled (skips without it)."""
+    engine = _padded(Engine(model, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=num_blocks)))
+    if not use_triton(engine.cache.kv):
+        pytest.skip("CPU without TRITON_INTERPRET: the Triton launch path is not what runs")
+    for p in prompts:
+        engine.add_request(p, _gen(4))
+    engine.step()  # prefills
+    return engine
+
+
 def test_padded_forward_reads_nothing_back_to_the_host(prompts):
     """The Python side of a captured step (transformers forward, attention function, op
     wrappers, launchers) must not read tensor values once value checks are off, as they are
     while a stream captures: every host read raises here."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _llama(device)
-    engine = _padded(Engine(model, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=16)))
-    if not use_triton(engine.cache.kv):
-        pytest.skip("CPU without TRITON_INTERPRET: the Triton launch path is not what runs")
-    for p in prompts[:3]:
-        engine.add_request(p, _gen(4))
-    engine.step()  # prefills
+    engine = _prefilled_triton_engine(_llama(device), prompts[:3], num_blocks=16)
     graphs = engine.runner.graphs
     with torch.inference_mode():
         graphs._fill(list(engine.scheduler.running), 4)
@@ -256,13 +261,8 @@ def test_bucket_metadata_carries_the_split_workspace_before_any_capture(prompts)
     the capture: the launches inside a capture get it from the metadata and allocate nothing."""
     from cbkernels.kernels.paged_attention_tiles import plan_launch
 
-    model = _llama(max_positions=1024)  # static max_seqlen_k 1024: decode buckets split the keys
-    engine = _padded(Engine(model, BatchConfig(backend="triton", block_size=BLOCK_SIZE, num_blocks=300)))
-    if not use_triton(engine.cache.kv):
-        pytest.skip("CPU without TRITON_INTERPRET: the Triton launch path is not what runs")
-    for p in prompts[:2]:
-        engine.add_request(p, _gen(4))
-    engine.step()  # prefills
+    # Static max_seqlen_k 1024 (1024 positions, 300 blocks of 4 cover them): decode buckets split the keys.
+    engine = _prefilled_triton_engine(_llama(max_positions=1024), prompts[:2], num_blocks=300)
     graphs, workspace = engine.runner.graphs, engine.attention.workspace
     with torch.inference_mode():
         graphs._fill(list(engine.scheduler.running), 2)

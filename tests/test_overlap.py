@@ -4,34 +4,28 @@ and read back one step later. On a CPU nothing overlaps, so what is proven here 
 correct: the tokens of ``model.generate()`` under split prefill, preemption, prefix sharing,
 stops at EOS and cancellation, and every block free afterwards."""
 import pytest
-import torch
 from transformers import GenerationConfig
 
 from cbkernels import BatchConfig, Engine, RequestStatus
-from cbkernels.testing import assert_pool_accounting, tiny_llama, tiny_sliding_qwen2, token_prompts
+from cbkernels.testing import assert_pool_accounting, reference_tokens, tiny_llama, tiny_sliding_qwen2, token_prompts
 
 VOCAB = 96
 LENGTHS = (3, 9, 17, 30, 1, 41, 12, 5)
+LLAMA = dict(vocab=VOCAB)
 
 
 def _gen(max_new=8, **kw):
-    kw.setdefault("eos_token_id", None)
-    return GenerationConfig(max_new_tokens=max_new, pad_token_id=0, **kw)
+    return GenerationConfig(max_new_tokens=max_new, pad_token_id=0, **{"eos_token_id": None, **kw})
 
 
 @pytest.fixture(scope="module")
 def llama():
-    return tiny_llama(vocab=VOCAB)
+    return tiny_llama(**LLAMA)
 
 
 @pytest.fixture(scope="module")
 def prompts():
     return token_prompts(LENGTHS, vocab=VOCAB)
-
-
-def _reference(model, prompts, gc):
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), generation_config=gc)[0, len(p):].tolist() for p in prompts]
 
 
 def _engine(model, **kw):
@@ -46,7 +40,7 @@ def test_matches_generate(llama, prompts, kw):
     gc = _gen()
     engine = _engine(llama, **kw)
     outs = engine.generate(prompts, gc)
-    assert [o.generated_tokens for o in outs] == _reference(llama, prompts, gc)
+    assert [o.generated_tokens for o in outs] == reference_tokens(llama, prompts, gc)
     assert all(o.status is RequestStatus.FINISHED for o in outs)
     assert engine.metrics()["async_steps"] > 0
     assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
@@ -57,7 +51,7 @@ def test_small_cache_preempts_and_still_matches(llama, prompts):
     gc = _gen(12)
     engine = _engine(llama, num_blocks=16, block_size=4, max_batch_tokens=16)
     outs = engine.generate(prompts[:6], gc)
-    assert [o.generated_tokens for o in outs] == _reference(llama, prompts[:6], gc)
+    assert [o.generated_tokens for o in outs] == reference_tokens(llama, prompts[:6], gc)
     assert engine.metrics()["preemptions"] > 0
     assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
 
@@ -65,12 +59,12 @@ def test_small_cache_preempts_and_still_matches(llama, prompts):
 def test_eos_stops_exactly_where_generate_stops(llama, prompts):
     """EOS is only known once a token is read back: the request stops there, and the row the
     next step already computed for it is dropped."""
-    free_run = _reference(llama, prompts, _gen(10))
+    free_run = reference_tokens(llama, prompts, _gen(10))
     eos = free_run[2][3]  # a token some request produces mid-way
     gc = _gen(10, eos_token_id=eos)
     engine = _engine(llama)
     outs = engine.generate(prompts, gc)
-    assert [o.generated_tokens for o in outs] == _reference(llama, prompts, gc)
+    assert [o.generated_tokens for o in outs] == reference_tokens(llama, prompts, gc)
     assert outs[2].generated_tokens[-1] == eos and len(outs[2].generated_tokens) == 4
     assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
 
@@ -79,7 +73,7 @@ def test_sliding_windows_match(prompts):
     model = tiny_sliding_qwen2(vocab=VOCAB)
     gc = _gen(10)
     outs = _engine(model, block_size=4, max_batch_tokens=9).generate(prompts, gc)
-    assert [o.generated_tokens for o in outs] == _reference(model, prompts, gc)
+    assert [o.generated_tokens for o in outs] == reference_tokens(model, prompts, gc)
 
 
 def test_cancel_mid_decode_frees_blocks_and_spares_the_rest(llama, prompts):
@@ -92,7 +86,7 @@ def test_cancel_mid_decode_frees_blocks_and_spares_the_rest(llama, prompts):
     while engine.scheduler.has_work():
         engine.step()
     outs = [engine.pop_result(i) for i in ids]
-    expected = _reference(llama, prompts[:4], gc)
+    expected = reference_tokens(llama, prompts[:4], gc)
     assert outs[1].status is RequestStatus.FINISHED and outs[1].finish_reason == "cancelled"
     assert outs[1].generated_tokens == expected[1][:len(outs[1].generated_tokens)]
     assert [o.generated_tokens for i, o in enumerate(outs) if i != 1] == [e for i, e in enumerate(expected) if i != 1]
