@@ -82,6 +82,16 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
+def report(stem: str, rows: list[dict], columns: list[str], out_dir=None) -> Path:
+    """Print ``rows`` as a table and write them to bench/results/<stem>-<device>-<date>.csv;
+    returns the CSV path (a plot goes beside it with ``.with_suffix(".png")``)."""
+    print_table(rows, columns)
+    path = result_path(stem, "csv", out_dir)
+    write_csv(path, rows)
+    print(f"wrote {path}")
+    return path
+
+
 def pyplot():
     """matplotlib's pyplot on the non-interactive backend, or None when matplotlib is missing."""
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from .common import device_name, print_table, pyplot, result_path, write_csv
+from .common import device_name, pyplot, report
 
 RUNNING = (16, 64, 256, 1024)
 CONTEXT = 256  # prompt tokens of every request
@@ -58,10 +58,8 @@ def run_host(out_dir=None, running=RUNNING) -> list[dict]:
     from tqdm import tqdm
 
     rows = [measure(n) for n in tqdm(running, desc="host work", unit="point")]
-    print_table(rows, ["running", "host_ms", "schedule_ms", "prepare_ms", "sample_ms", "postprocess_ms", "forward_ms"])
-    csv_path = result_path("host", "csv", out_dir)
-    write_csv(csv_path, rows)
-    print(f"wrote {csv_path}")
+    csv_path = report("host", rows, ["running", "host_ms", "schedule_ms", "prepare_ms", "sample_ms",
+                                     "postprocess_ms", "forward_ms"], out_dir)
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .common import print_table, result_path, write_csv
+from .common import report
 
 
 def run_overlap(model, prompts, generation_config, out_dir=None, **config) -> list[dict]:
@@ -31,10 +31,7 @@ def run_overlap(model, prompts, generation_config, out_dir=None, **config) -> li
     base = [r["tokens_per_s"] for r in rows if not r["async_scheduling"]]
     for r in rows:
         r["vs_sync"] = r["tokens_per_s"] / max(base)
-    print_table(rows, ["async_scheduling", "requests", "tokens", "wall_s", "tokens_per_s", "vs_sync",
-                       "host_ms_per_step_p50", "async_steps"])
+    report("overlap", rows, ["async_scheduling", "requests", "tokens", "wall_s", "tokens_per_s", "vs_sync",
+                             "host_ms_per_step_p50", "async_steps"], out_dir)
     print(f"KV cache: {rows[0]['cache_tokens']} tokens ({rows[0]['cache_sizing']})")
-    path = result_path("overlap", "csv", out_dir)
-    write_csv(path, rows)
-    print(f"wrote {path}")
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import print_table, pyplot, result_path, write_csv
+from .common import pyplot, report
 from .workloads import tiny_llama
 
 REQUESTS = 48
@@ -59,10 +59,7 @@ def padding_rows(seed: int = 0) -> list[dict]:
 
 def run_padding(out_dir=None) -> list[dict]:
     rows = padding_rows()
-    print_table(rows, list(rows[0]))
-    path = result_path("padding", "csv", out_dir)
-    write_csv(path, rows)
-    print(f"wrote {path}")
+    path = report("padding", rows, list(rows[0]), out_dir)
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4))
