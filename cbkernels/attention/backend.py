@@ -16,6 +16,60 @@ from .integration import BACKEND_KWARG, METADATA_KWARG
 from .metadata import GroupMetadata, StepMetadata, StepPlan, StepTensors, slot_mapping
 
 
+# Computed fp8 scales leave this factor of headroom over the first prefill's amax, so later
+# tokens up to twice as large still fit the format's range (larger ones saturate).
+FP8_SCALE_MARGIN = 2.0
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+class KVScales:
+    """The fp8 scales of an engine's cache, one ``[Hkv]`` fp32 pair per layer, fixed for the
+    engine's lifetime (a captured CUDA graph keeps pointing at them).
+
+    A layer takes its scales from the checkpoint when its attention module carries
+    ``k_scale`` / ``v_scale`` (as fp8-quantised checkpoints for vLLM do: a number, or one per
+    KV head; dequantized = stored * scale). Otherwise they are computed from the first K/V the
+    layer writes (the engine's first prefill): ``amax`` per KV head x FP8_SCALE_MARGIN / the
+    format's largest finite value, on the device, without a host sync.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, dtype: torch.dtype, device):
+        self.limit = _FP8_MAX[dtype]
+        self.k = torch.ones(num_layers, num_kv_heads, dtype=torch.float32, device=device)
+        self.v = torch.ones(num_layers, num_kv_heads, dtype=torch.float32, device=device)
+        self.source: list[Optional[str]] = [None] * num_layers  # "checkpoint" or "computed" once set
+
+    def _from_checkpoint(self, module, name: str, num_kv_heads: int) -> Optional[torch.Tensor]:
+        value = getattr(module, name, None)
+        if value is None:
+            return None
+        t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
+        t = t.reshape(-1).to(self.k.device)
+        if t.numel() == 1:
+            t = t.expand(num_kv_heads)
+        if t.numel() != num_kv_heads:
+            raise ValueError(f"{name} of layer {module.layer_idx} must be one number or one per KV head "
+                             f"({num_kv_heads}), got {t.numel()} values")
+        return t
+
+    def for_layer(self, module, layer: int, new_k: torch.Tensor, new_v: torch.Tensor):
+        """(k_scale, v_scale) [Hkv] of ``layer``, set on its first call."""
+        if self.source[layer] is None:
+            hkv = self.k.shape[1]
+            k_ck = self._from_checkpoint(module, "k_scale", hkv)
+            v_ck = self._from_checkpoint(module, "v_scale", hkv)
+            if k_ck is not None and v_ck is not None:
+                self.k[layer].copy_(k_ck)
+                self.v[layer].copy_(v_ck)
+                self.source[layer] = "checkpoint"
+            else:
+                for target, rows in ((self.k[layer], new_k), (self.v[layer], new_v)):
+                    amax = rows.detach().float().abs().amax(dim=(0, 2))  # [Hkv]
+                    target.copy_(torch.where(amax > 0, amax * FP8_SCALE_MARGIN / self.limit, 1.0))
+                self.source[layer] = "computed"
+        return self.k[layer], self.v[layer]
+
+
 class AttentionBackend(ABC):
     name: str = ""
 
@@ -26,6 +80,10 @@ class AttentionBackend(ABC):
         self.num_q_heads = num_q_heads
         self.device = cache.kv.device
         self.layer_calls = 0  # attention calls since the runner last reset it (one per layer per forward)
+        kv = cache.kv
+        # fp8 caches: per-layer scales, engine-lifetime state of this backend (None otherwise).
+        self.kv_scales = (KVScales(kv.shape[0], kv.shape[4], kv.dtype, kv.device)
+                          if kv is not None and kv.dtype in _FP8_MAX else None)
 
     # ------------------------------------------------------------------ verb 1
     def build(self, plan: StepPlan) -> StepMetadata:
@@ -68,13 +126,19 @@ class AttentionBackend(ABC):
         window = group.sliding_window if group.sliding_window is not None else sliding_window
         sinks = getattr(module, "sinks", None)
         new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, Hkv, D]
+        k_scale = v_scale = None
+        if self.kv_scales is not None:
+            k_scale, v_scale = self.kv_scales.for_layer(module, layer, new_k, new_v)
         return self.run_layer(query, key, value, new_k, new_v, k_cache, v_cache, meta, group,
-                              scale=scale, softcap=softcap, sinks=sinks, window=window)
+                              scale=scale, softcap=softcap, sinks=sinks, window=window,
+                              k_scale=k_scale, v_scale=v_scale)
 
     @abstractmethod
     def run_layer(self, query, key, value, new_k, new_v, k_cache, v_cache, meta: StepMetadata,
-                  group: GroupMetadata, *, scale: float, softcap, sinks, window) -> torch.Tensor:
-        """Scatter ``new_k`` / ``new_v`` [T, Hkv, D] into the layer's cache, then attend."""
+                  group: GroupMetadata, *, scale: float, softcap, sinks, window,
+                  k_scale=None, v_scale=None) -> torch.Tensor:
+        """Scatter ``new_k`` / ``new_v`` [T, Hkv, D] into the layer's cache, then attend. An fp8
+        cache comes with its layer's ``k_scale`` / ``v_scale`` [Hkv] fp32."""
 
     def forward_kwargs(self, meta: StepMetadata) -> dict:
         """The kwargs that carry a step to every attention layer of a forward."""

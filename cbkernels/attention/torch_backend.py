@@ -59,25 +59,37 @@ class TorchBackend(AttentionBackend):
         return meta
 
     def run_layer(self, query, key, value, new_k, new_v, k_cache, v_cache, meta, group, *,
-                  scale, softcap, sinks, window):
+                  scale, softcap, sinks, window, k_scale=None, v_scale=None):
+        fp8 = k_scale is not None
+        if fp8:  # quantize once; a prefill without a prefix then attends to what the cache holds
+            new_k = torch_path.quantize(new_k, k_scale, k_cache.dtype)
+            new_v = torch_path.quantize(new_v, v_scale, v_cache.dtype)
         if meta.padded:  # padding rows of a decode bucket hold slot -1: skipped
-            torch_path.scatter_kv(new_k, new_v, k_cache, v_cache, group.slot_mapping)
+            torch_path.scatter_kv(new_k, new_v, torch_path.bits(k_cache), torch_path.bits(v_cache),
+                                  group.slot_mapping)
         else:
             row_shape = k_cache.shape[2:]
-            k_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_k)
-            v_cache.view(-1, *row_shape).index_copy_(0, group.slot_mapping, new_v)
+            torch_path.bits(k_cache).view(-1, *row_shape).index_copy_(0, group.slot_mapping, torch_path.bits(new_k))
+            torch_path.bits(v_cache).view(-1, *row_shape).index_copy_(0, group.slot_mapping, torch_path.bits(new_v))
         if softcap is None and sinks is None:
-            return _packed_attention(query, key, value, k_cache, v_cache, meta, group, scale, window)
+            if fp8:
+                dt = query.dtype
+                key = torch_path.dequantize(new_k, k_scale, dt).transpose(0, 1).unsqueeze(0)
+                value = torch_path.dequantize(new_v, v_scale, dt).transpose(0, 1).unsqueeze(0)
+            return _packed_attention(query, key, value, k_cache, v_cache, meta, group, scale, window,
+                                     k_scale, v_scale)
         q = query[0].transpose(0, 1)
         out = torch.empty_like(q)
         torch_path.paged_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q,
-                                   out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
+                                   out, None, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks,
+                                   k_scale=k_scale, v_scale=v_scale)
         return out.unsqueeze(0)
 
 
 def _packed_attention(query, key, value, k_cache, v_cache, meta: StepMetadata, group: TorchGroupMetadata,
-                      scale: float, window: Optional[int]) -> torch.Tensor:
-    """query [1, Hq, T, D], key / value [1, Hkv, T, D], new K/V already in the cache -> [1, T, Hq, D]."""
+                      scale: float, window: Optional[int], k_scale=None, v_scale=None) -> torch.Tensor:
+    """query [1, Hq, T, D], key / value [1, Hkv, T, D], new K/V already in the cache -> [1, T, Hq, D].
+    An fp8 cache's history is dequantized to the query dtype after the gather."""
     num_q_heads, num_tokens = query.shape[1], query.shape[2]
     gqa = num_q_heads != key.shape[1]
     out = query.new_empty(1, num_tokens, num_q_heads, query.shape[3])
@@ -86,8 +98,9 @@ def _packed_attention(query, key, value, k_cache, v_cache, meta: StepMetadata, g
     nd = meta.num_decodes
     if nd:
         blocks = group.decode_blocks.to(torch.int64)
-        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, nb * block_size, D]
-        values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+        keys = torch_path.dequantize(k_cache[blocks].flatten(1, 2), k_scale, query.dtype).transpose(1, 2)
+        values = torch_path.dequantize(v_cache[blocks].flatten(1, 2), v_scale, query.dtype).transpose(1, 2)
+        # keys / values: [Bd, Hkv, nb * block_size, D]
         q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, Hq, 1, D]
         res = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.decode_mask, scale=scale,
                                              enable_gqa=gqa)
@@ -98,8 +111,9 @@ def _packed_attention(query, key, value, k_cache, v_cache, meta: StepMetadata, g
         if slots is None:
             keys, values = key[:, :, start:end], value[:, :, start:end]
         else:
-            keys = k_flat[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            values = v_flat[slots].transpose(0, 1).unsqueeze(0)
+            keys = torch_path.dequantize(k_flat[slots], k_scale, query.dtype).transpose(0, 1).unsqueeze(0)
+            values = torch_path.dequantize(v_flat[slots], v_scale, query.dtype).transpose(0, 1).unsqueeze(0)
+            # [1, Hkv, L, D]
         if slots is None and window is None:
             res = F.scaled_dot_product_attention(q, keys, values, is_causal=n_rows > 1, scale=scale, enable_gqa=gqa)
         else:

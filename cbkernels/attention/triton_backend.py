@@ -52,18 +52,20 @@ class TritonBackend(AttentionBackend):
         meta = super().build(plan)
         kv = self.cache.kv  # [layers, 2, blocks, block_size, Hkv, D]
         num_tokens = len(plan.input_ids)
-        launch = plan_launch(self.device, kv.dtype, num_tokens, len(plan.seq_lens), self.num_q_heads,
+        # The launch (tiles, splits) follows the compute dtype: the model's, also for fp8 caches.
+        dtype = kv.dtype if self.kv_scales is None else getattr(self.cache, "compute_dtype", torch.float32)
+        launch = plan_launch(self.device, dtype, num_tokens, len(plan.seq_lens), self.num_q_heads,
                              kv.shape[4], kv.shape[5], meta.max_seqlen_q, meta.max_seqlen_k)
         numel = launch.workspace_numel(num_tokens, self.num_q_heads)
         meta.workspace = self.workspace.get(numel) if numel else None
         return meta
 
     def run_layer(self, query, key, value, new_k, new_v, k_cache, v_cache, meta, group, *,
-                  scale, softcap, sinks, window):
-        _scatter_kv_op(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping)
+                  scale, softcap, sinks, window, k_scale=None, v_scale=None):
+        _scatter_kv_op(new_k.contiguous(), new_v.contiguous(), k_cache, v_cache, group.slot_mapping, k_scale, v_scale)
         q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
         out = torch.empty_like(q)
         _paged_attention_op(q, k_cache, v_cache, group.block_tables, meta.seq_lens, meta.cu_seqlens_q, out, None,
                             scale, window, None if softcap is None else float(softcap), sinks,
-                            meta.max_seqlen_q, meta.max_seqlen_k, None, meta.workspace)
+                            meta.max_seqlen_q, meta.max_seqlen_k, None, meta.workspace, k_scale, v_scale)
         return out.unsqueeze(0)

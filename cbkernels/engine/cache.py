@@ -25,6 +25,20 @@ def layer_windows_of(config) -> list[Optional[int]]:
     return [None] * n
 
 
+_FP8_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The cache's element dtype for ``BatchConfig.kv_cache_dtype``; fp8 on a CUDA arch the
+    compile gate builds no fp8 kernels for is refused (ValueError naming kv_cache_dtype)."""
+    if name == "auto":
+        return model_dtype
+    from ..ops.checks import check_fp8_device
+
+    check_fp8_device(torch.device(device), name="kv_cache_dtype")
+    return _FP8_CACHE_DTYPES[name]
+
+
 class PagedAttentionCache:
     def __init__(
         self, num_blocks: int, block_size: int, max_batch_tokens: int, *, num_layers: int = 1,
@@ -59,6 +73,8 @@ class PagedAttentionCache:
         self.prefix_caching = prefix_caching and all(w is None for w in windows)
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device) if num_layers else None
+        # The dtype attention computes in (the model's); an fp8 cache only stores K/V.
+        self.compute_dtype = torch.float32 if dtype.itemsize == 1 else dtype
         # The running requests' block tables on the same device, updated incrementally.
         full_only = all(w is None for w in windows)
         self.device_tables = DeviceBlockTables(
@@ -80,7 +96,9 @@ class PagedAttentionCache:
         param = next(model.parameters())
         device = torch.device(config.device) if config.device is not None else param.device
         config = resolve_config(config, device)
-        block_bytes = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * param.element_size()
+        cache_dtype = kv_cache_dtype(config.kv_cache_dtype, param.dtype, device)
+        # Bytes per block from the cache's element size: fp8 doubles the blocks of a bf16 budget.
+        block_bytes = mc.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim * cache_dtype.itemsize
         if profile_peak_bytes is None and config.gpu_memory_utilization is not None and config.num_blocks is None:
             logits = min(config.max_num_seqs, config.max_batch_tokens)
             profile_peak_bytes = lambda: profile_activation_peak(model, config.max_batch_tokens, logits)  # noqa: E731
@@ -88,10 +106,11 @@ class PagedAttentionCache:
                           profile_peak_bytes=profile_peak_bytes,
                           max_useful_blocks=config.max_num_seqs * -(-max_context(mc) // config.block_size))
         cache = cls(size.num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
-                    num_kv_heads=kv_heads, head_dim=head_dim, dtype=param.dtype, device=device,
+                    num_kv_heads=kv_heads, head_dim=head_dim, dtype=cache_dtype, device=device,
                     layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching,
                     max_context=max_context(mc))
         cache.size = size
+        cache.compute_dtype = param.dtype
         return cache
 
     # ------------------------------------------------------------------ pool
