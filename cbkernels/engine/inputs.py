@@ -136,7 +136,8 @@ def prompt_problem(tokens: list[int], max_new_tokens: int, *, vocab_size, max_po
     if not tokens:
         return "empty prompt"
     if max_new_tokens < 1:
-        return f"max_new_tokens must be >= 1, got {max_new_tokens}"
+        return (f"max_new_tokens must be >= 1, got {max_new_tokens} (from max_length minus the prompt's {len(tokens)} "
+                "tokens when max_new_tokens is unset)")
     if vocab_size is not None:
         bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
         if bad is not None:
