@@ -26,17 +26,23 @@ class Fp8Format:
     max_finite: float
     mantissa_bits: int
     min_normal_exp: int  # exponent of the smallest normal number
+    min_arch: int  # oldest arch of the compile gate that builds this format's kernels
 
 
+# Where each format compiles is the compile gate's answer (python -m cbkernels.aot):
+# * e4m3 on sm_80: Triton refuses the type ("type fp8e4nv not supported in this architecture.
+#   The supported fp8 dtypes are ('fp8e4b15', 'fp8e5')"; tests/test_aot.py checks it still
+#   does). The launch tables map sm_89 to the sm_80 entries, so e4m3 needs sm_90.
+# * e5m2 compiles on sm_80 and sm_90 (its conversion to fp16 is a shift).
+# * fp32 queries over an fp8 cache spill on sm_90 at every tile (255 registers, 368-6472 B of
+#   spills: the fp8 -> fp32 converted tiles double the K/V registers of the IEEE-dot tiles), so
+#   on CUDA an fp8 cache takes fp16 / bf16 queries only (the interpreter runs all three).
 FP8_FORMATS = {
-    torch.float8_e4m3fn: Fp8Format(torch.float8_e4m3fn, "fp8e4nv", 448.0, 3, -6),
-    torch.float8_e5m2: Fp8Format(torch.float8_e5m2, "fp8e5", 57344.0, 2, -14),
+    torch.float8_e4m3fn: Fp8Format(torch.float8_e4m3fn, "fp8e4nv", 448.0, 3, -6, 90),
+    torch.float8_e5m2: Fp8Format(torch.float8_e5m2, "fp8e5", 57344.0, 2, -14, 80),
 }
 FP8_DTYPES = tuple(FP8_FORMATS)
-# The gate builds fp8 kernels for sm_90 only: Triton refuses fp8e4nv below sm_89
-# (python -m cbkernels.aot; tests/test_aot.py::test_fp8_refused_on_sm80), and the launch tables
-# map sm_89 to the sm_80 entries, so the engine refuses fp8 caches below compute capability 9.0.
-FP8_MIN_ARCH = 90
+FP8_QUERY_DTYPES_CUDA = (torch.float16, torch.bfloat16)
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

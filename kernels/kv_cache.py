@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import AotConfig, as_bits, interpreting, next_power_of_2
-from .fp8 import FP8_FORMATS, FP8_MIN_ARCH, round_to_fp8
+from .fp8 import FP8_FORMATS, round_to_fp8
 
 # Tokens per program. 16 keeps a tile at <= 8 K elements (16 x 512) so a 4-warp program holds
 # it in 64 registers a thread; larger tiles only raise register pressure for a pure copy.
@@ -340,10 +340,11 @@ def aot_configs() -> list[AotConfig]:
 
 def _fp8_aot_configs() -> list[AotConfig]:
     """fp8 scatter (quantize) and gather (dequantize): format x key/output dtype x index dtype,
-    for the archs that have fp8 conversions (fp8.FP8_MIN_ARCH)."""
+    for the archs that build the format (Fp8Format.min_arch)."""
     configs = []
     for fmt in FP8_FORMATS.values():
         fp8 = fmt.triton_name
+        fmt_archs = tuple(a for a in (80, 90) if a >= fmt.min_arch)
         consts = {"ROWS": COPY_ROWS, "COLS": FP8_COPY_COLS, "MAX": fmt.max_finite, "MANT": fmt.mantissa_bits,
                   "EMIN": fmt.min_normal_exp}
         for src in ("fp16", "bf16", "fp32"):
@@ -355,7 +356,7 @@ def _fp8_aot_configs() -> list[AotConfig]:
                      "v_scale_ptr": "*fp32", "num_tokens": "i32", "row_elems": "i32", "head_dim": "i32",
                      "scale_stride": "i32", "ROWS": "constexpr", "COLS": "constexpr", "MAX": "constexpr",
                      "MANT": "constexpr", "EMIN": "constexpr"},
-                    consts, COPY_NUM_WARPS, divisible=("row_elems", "head_dim"), archs=(FP8_MIN_ARCH,),
+                    consts, COPY_NUM_WARPS, divisible=("row_elems", "head_dim"), archs=fmt_archs,
                 ))
                 configs.append(AotConfig(
                     f"gather_kv[{fp8},out={src},seq_lens={index}]", _gather_kv_fp8_kernel,
@@ -365,6 +366,6 @@ def _fp8_aot_configs() -> list[AotConfig]:
                      "block_table_stride": "i32", "block_size": "i32", "head_dim": "i32", "scale_stride": "i32",
                      "ROWS": "constexpr", "COLS": "constexpr"},
                     {"ROWS": COPY_ROWS, "COLS": FP8_COPY_COLS}, COPY_NUM_WARPS,
-                    divisible=("row_elems", "block_size", "head_dim"), archs=(FP8_MIN_ARCH,),
+                    divisible=("row_elems", "block_size", "head_dim"), archs=fmt_archs,
                 ))
     return configs

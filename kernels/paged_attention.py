@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import AotConfig, interpreting
-from .fp8 import FP8_FORMATS, FP8_MIN_ARCH
+from .fp8 import FP8_FORMATS, FP8_QUERY_DTYPES_CUDA
 from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch decisions of this kernel)
     DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_STAGES, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
@@ -365,10 +365,11 @@ def aot_configs() -> list[AotConfig]:
     for arch in sorted(TILES):
         for (kind, size, d_pad), tile in TILES[arch].items():
             dtypes = (torch.float32,) if size == 4 else (torch.float16, torch.bfloat16)
-            caches = [None] + ([f.triton_name for f in FP8_FORMATS.values()] if arch >= FP8_MIN_ARCH else [])
             for dtype in dtypes:
                 name = _TRITON_DTYPE[dtype]
-                for cache in caches:
+                fp8 = [f.triton_name for f in FP8_FORMATS.values()
+                       if arch >= f.min_arch and dtype in FP8_QUERY_DTYPES_CUDA]
+                for cache in [None] + fp8:
                     kv = f",kv={cache}" if cache else ""
                     configs.append(AotConfig(
                         f"paged_attention[{kind},{name}{kv},d{d_pad},m{tile.block_m},n{tile.block_n},"

@@ -35,8 +35,13 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) ->
         return model_dtype
     from ..ops.checks import check_fp8_device
 
-    check_fp8_device(torch.device(device), name="kv_cache_dtype")
-    return _FP8_CACHE_DTYPES[name]
+    dtype = _FP8_CACHE_DTYPES[name]
+    device = torch.device(device)
+    check_fp8_device(device, dtype, name="kv_cache_dtype")
+    if device.type == "cuda" and model_dtype == torch.float32:
+        raise ValueError("kv_cache_dtype: fp8 caches on CUDA need a float16 / bfloat16 model (fp32 attention "
+                         "over fp8 spills in every compiled tile)")
+    return dtype
 
 
 class PagedAttentionCache:

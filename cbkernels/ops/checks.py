@@ -101,25 +101,29 @@ def check_kv_scales(k_cache, k_scale, v_scale) -> None:
             raise ValueError(f"{name} must hold positive finite values")
     if k_scale.dim() != v_scale.dim():
         raise ValueError(f"v_scale must have the shape of k_scale {tuple(k_scale.shape)}, got {tuple(v_scale.shape)}")
-    check_fp8_device(k_cache.device)
+    check_fp8_device(k_cache.device, k_cache.dtype)
 
 
-def check_fp8_device(device: torch.device, name: str = "k_cache") -> None:
-    """fp8 caches on CUDA need compute capability >= FP8_MIN_ARCH / 10 (the compile gate's answer)."""
+def check_fp8_device(device: torch.device, dtype: torch.dtype, name: str = "k_cache") -> None:
+    """An fp8 format on CUDA needs an arch the compile gate builds it for (kernels/fp8.py)."""
     if device.type != "cuda":
         return
-    from cbkernels.kernels.fp8 import FP8_MIN_ARCH
+    from cbkernels.kernels.fp8 import FP8_FORMATS
 
     major, minor = torch.cuda.get_device_capability(device)
-    if major * 10 + minor < FP8_MIN_ARCH:
-        raise ValueError(f"{name}: fp8 KV caches need compute capability >= {FP8_MIN_ARCH / 10:.1f} "
-                         f"(this GPU is sm_{major}{minor}; the compile gate builds fp8 kernels for "
-                         f"sm_{FP8_MIN_ARCH} only)")
+    need = FP8_FORMATS[dtype].min_arch
+    if major * 10 + minor < need:
+        raise ValueError(f"{name}: {_dtype_name(dtype)} KV caches need compute capability >= {need / 10:.1f} "
+                         f"(this GPU is sm_{major}{minor}; the compile gate builds them for sm_{need} and newer)")
 
 
 def check_compute_dtype(name: str, t, k_cache) -> None:
-    """Rows entering or leaving a cache: the cache's dtype, or any float dtype for fp8 caches."""
+    """Rows entering or leaving a cache: the cache's dtype, or any float dtype for fp8 caches
+    (queries on CUDA: fp16 / bf16, the only ones the compile gate builds fp8 attention for)."""
     if is_fp8(k_cache.dtype):
+        if name == "q" and t.is_cuda and t.dtype == torch.float32:
+            raise ValueError("q must be float16 or bfloat16 over an fp8 cache on CUDA (fp32 queries spill "
+                             "in every compiled tile), got float32")
         return
     if t.dtype != k_cache.dtype:
         raise ValueError(f"{name} must have the dtype of k_cache ({_dtype_name(k_cache.dtype)}), got {_dtype_name(t.dtype)}")
