@@ -291,10 +291,39 @@ def bench_cpu() -> list[dict]:
     return rows
 
 
+# Goals of the verdict table (bench/gpu_check.sh): decode streams K/V at >= 80% of the HBM copy
+# ceiling (the line on the decode plot); prefill runs at >= 0.8x SDPA-flash's speed on the same
+# work laid out dense (SDPA cannot read a paged cache; a yardstick, not a peer).
+DECODE_PCT_GOAL = 80.0
+PREFILL_VS_SDPA_GOAL = 0.8
+
+
+def append_verdict(path, measure: str, goal: str, value: str, ok: bool) -> None:
+    """One line of gpu_check's verdict table, written as soon as it is measured (JSON lines)."""
+    import json
+
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"measure": measure, "goal": goal, "value": value, "pass": bool(ok)}) + "\n")
+
+
+def _verdicts(path, decode: list[dict], prefill: list[dict]) -> None:
+    if decode:
+        best = max(decode, key=lambda r: r["pct_ceiling"])
+        append_verdict(path, f"decode bf16 GB/s, best of sweep (batch {best['batch']}, ctx {best['context']})",
+                       f">= {DECODE_PCT_GOAL:.0f}% of {HBM_CEILING_GBPS:.0f} GB/s",
+                       f"{best['gbps']:.0f} GB/s ({best['pct_ceiling']:.0f}%)", best["pct_ceiling"] >= DECODE_PCT_GOAL)
+    for r in prefill:
+        append_verdict(path, f"{r['kind']} TFLOP/s vs SDPA-flash (batch {r['batch']}, ctx {r['context']})",
+                       f">= {PREFILL_VS_SDPA_GOAL}x", f"{r['tflops']:.0f} TFLOP/s ({r['vs_sdpa_flash']:.2f}x)",
+                       r["vs_sdpa_flash"] >= PREFILL_VS_SDPA_GOAL)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
     parser.add_argument("--out", help="result directory (default bench/results)")
+    parser.add_argument("--verdicts", help="append gpu_check verdict lines (JSON) to this file")
     args = parser.parse_args(argv)
     out_dir = args.out  # None: bench/results
     if not torch.cuda.is_available():
@@ -310,10 +339,12 @@ def main(argv=None) -> int:
     decode = bench_decode(DECODE_QUICK if args.quick else DECODE_SWEEP)
     print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
                           "paging_cost_pct", "vs_sdpa_pct"])
+    _verdicts(args.verdicts, decode, [])
     prefill = bench_prefill(PREFILL_QUICK if args.quick else PREFILL_SWEEP)
     print()
     print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
                            "vs_flex"])
+    _verdicts(args.verdicts, [], prefill)
     rows = decode + prefill
     csv_path = result_path("paged_attention", "csv", out_dir)
     write_csv(csv_path, rows)

@@ -6,6 +6,8 @@
 * ``padding``: tokens a statically padded batch computes against the packed batches run;
 * ``kernels``: the kernel microbenchmarks (GB/s, TFLOP/s on CUDA; the CPU path otherwise);
 * ``overlap``: the engine with and without asynchronous scheduling, same prompts;
+* ``fp8``: greedy tokens and log-probabilities with fp8 KV caches against the model-dtype
+  cache, same prompts (not part of ``all``);
 * ``host``: host work per engine step against running requests (a tiny model, so the
   scheduling, metadata and sampling around the forward is what is measured).
 * ``startup``: wall time of ``cbkernels generate`` in fresh processes, cold (one-time model
@@ -85,6 +87,12 @@ def run_bench(args) -> int:
         model, prompts, gc = _model_and_prompts(args)
         run_overlap(model, prompts, gc, out_dir=out)
         return 0
+    if args.part == "fp8":
+        from ..benchmarks.fp8 import run_fp8
+
+        model, prompts, gc = _model_and_prompts(args)
+        run_fp8(model, prompts, gc, out_dir=out)
+        return 0
     if args.part == "host":
         from ..benchmarks.host import run_host
 
@@ -121,7 +129,7 @@ def run_bench(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: peers side by side, throughput-latency sweep, padding, kernels",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "overlap", "serve", "all"), default="all")
+    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "overlap", "serve", "fp8", "all"), default="all")
     p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
     p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", help="where GGUF models are converted once and loaded from "
