@@ -49,14 +49,24 @@ def merge_with_model(model, generation_config):
     when it has one (any GenerationMixin model), else the same two ``update`` calls."""
     from transformers import GenerationConfig
 
+    # A max_new_tokens <= 0 fails each request with a reason (inputs.prompt_problem) rather than
+    # the whole call, so it is kept out of transformers' validation and put back afterwards.
+    held = None
+    if generation_config is not None and isinstance(generation_config.max_new_tokens, int) \
+            and generation_config.max_new_tokens <= 0:
+        held, generation_config = generation_config.max_new_tokens, copy.deepcopy(generation_config)
+        generation_config.max_new_tokens = None
     prepare = getattr(model, "_prepare_generation_config", None)
     if callable(prepare):
-        return prepare(generation_config)[0]
-    merged = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-    own = getattr(model, "generation_config", None)
-    if own is not None:
-        merged.update(**own.to_dict(), defaults_only=True, allow_custom_entries=True)
-    merged.update(**_global_defaults(), defaults_only=True)
+        merged = prepare(generation_config)[0]
+    else:
+        merged = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        own = getattr(model, "generation_config", None)
+        if own is not None:
+            merged.update(**own.to_dict(), defaults_only=True, allow_custom_entries=True)
+        merged.update(**_global_defaults(), defaults_only=True)
+    if held is not None:
+        merged.max_new_tokens = held
     return merged
 
 
