@@ -67,6 +67,7 @@ def _unpack(host: list[float], n: int, k: int, top_rows: list[int], requests) ->
     """Split the one host copy into tokens, log-probabilities and top alternatives."""
     tokens = [int(t) for t in host[:n]]
     logprobs = host[n:2 * n]
+    slot = {row: j for j, row in enumerate(top_rows)}
     out = []
     for i, (r, token) in enumerate(zip(requests, tokens)):
         p = r.params
@@ -75,7 +76,7 @@ def _unpack(host: list[float], n: int, k: int, top_rows: list[int], requests) ->
             continue
         top = None
         if p.top_logprobs:
-            base = 2 * n + top_rows.index(i) * 2 * k
+            base = 2 * n + slot[i] * 2 * k
             ids, vals = host[base:base + k], host[base + k:base + 2 * k]
             top = [(int(t), v) for t, v in zip(ids[:p.top_logprobs], vals[:p.top_logprobs])]
         out.append(SampledToken(token, logprobs[i], top))
