@@ -3,12 +3,15 @@ against ``transformers serve --continuous-batching``, in one run, loopback only.
 
 Workload: the 16 chat prompts of ``workloads.BENCH_PROMPTS`` in a fixed cycle, greedy, at most
 ``max_tokens`` new tokens, streamed (Server-Sent Events, ``stream_options.include_usage``).
-Phases per system: closed loops of 1, 4, 16 and 64 clients (each sends its next request
-when the last one ends; a bounded number of requests per level), then an open loop with
-Poisson arrivals. The engine alone runs the same prompts through ``Engine`` directly
-(threads calling ``add_request`` / ``stream``) at the same concurrency: the ratio of the
-server's output tokens/s to it is the server's overhead. Both servers run as separate
-processes with the same KV capacity (8,192 tokens) and the same torch threads.
+Phases: closed loops of 1, 4, 16 and 64 clients (each sends its next request when the last
+one ends; a bounded number of requests per level, and none started after START_BUDGET_S),
+then an open loop with Poisson arrivals.
+The engine alone runs the same prompts through ``Engine`` directly (threads calling
+``add_request`` / ``stream``) at the same concurrency: the ratio of the server's output
+tokens/s to it is the server's overhead. Both servers run as separate processes, side by
+side, with the same KV capacity (8,192 tokens), step budget (1,024 tokens) and torch threads
+(transformers with sdpa, its fastest CPU attention in ``bench peers``); at each level the three
+systems are measured back to back, so a change in the machine's load hits them alike.
 
 Measured per request at the client: TTFT (request sent -> first content chunk), ITL (gaps
 between content chunks), output tokens (the server's usage), errors (HTTP status, error
@@ -38,7 +41,8 @@ LEVELS = (1, 4, 16, 64)
 REQUESTS = {1: 8, 4: 16, 16: 48, 64: 128}  # per closed-loop level
 POISSON = (3.0, 60)  # arrivals per second, requests
 NUM_BLOCKS, BLOCK_SIZE = 512, 16  # cbkernels' cache; transformers gets 32 x 256: the same 8,192 tokens
-PHASE_TIMEOUT_S = 600.0
+START_BUDGET_S = 60.0  # a closed loop starts no new request after this (a slow system does fewer requests)
+PHASE_TIMEOUT_S = 900.0
 COLUMNS = ["system", "mode", "clients", "requests", "ok", "errors", "5xx", "lost", "wall_s", "req_per_s",
            "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "loadavg_1m"]
 
@@ -123,6 +127,8 @@ async def _closed_loop(url, model, clients, total, max_tokens):
     async with httpx.AsyncClient(timeout=PHASE_TIMEOUT_S, limits=limits) as client:
         async def worker():
             for i in order:
+                if time.perf_counter() - start > START_BUDGET_S:
+                    return
                 samples.append(await _request(client, url, model, BENCH_PROMPTS[i % len(BENCH_PROMPTS)], max_tokens))
 
         start = time.perf_counter()
@@ -145,64 +151,45 @@ async def _open_loop(url, model, rate, total, max_tokens, seed=0):
         return list(samples), time.perf_counter() - start
 
 
-def load_phases(system, url, model, max_tokens, scale=1.0, progress=True) -> list[dict]:
-    rows = []
-    asyncio.run(_closed_loop(url, model, 4, 4, max_tokens))  # warm-up: first requests, allocations
-    for clients in LEVELS:
-        total = max(clients, int(REQUESTS[clients] * scale))
-        rows.append(summarize(system, "closed", clients, *asyncio.run(_closed_loop(url, model, clients, total,
-                                                                                  max_tokens))))
-        if progress:
-            print(f"  {system}: {clients} clients, {rows[-1]['out_tok_per_s']:.1f} tok/s", flush=True)
-    rate, total = POISSON
-    samples, wall = asyncio.run(_open_loop(url, model, rate, max(8, int(total * scale)), max_tokens))
-    rows.append(summarize(system, f"poisson {rate:g}/s", "-", samples, wall))
-    return rows
+def http_closed(system, url, model, clients, total, max_tokens) -> dict:
+    return summarize(system, "closed", clients, *asyncio.run(_closed_loop(url, model, clients, total, max_tokens)))
+
+
+def http_open(system, url, model, rate, total, max_tokens) -> dict:
+    samples, wall = asyncio.run(_open_loop(url, model, rate, total, max_tokens))
+    return summarize(system, f"poisson {rate:g}/s", "-", samples, wall)
 
 
 # ---------------------------------------------------------------- the engine alone
-def engine_phases(model, tokenizer, max_tokens, scale=1.0) -> list[dict]:
-    from transformers import GenerationConfig
+def engine_closed(engine, prompts, gc, clients, total) -> dict:
+    """The same closed loop through ``Engine`` directly: one thread per client."""
+    order, lock, samples, began = iter(range(total)), threading.Lock(), [], time.perf_counter()
 
-    from ..engine import BatchConfig, Engine
-    from .workloads import encode_prompts
+    def worker():
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None or time.perf_counter() - began > START_BUDGET_S:
+                return
+            sample, sent, last = Sample(), time.perf_counter(), None
+            rid = engine.add_request(prompts[i % len(prompts)], gc)
+            for _ in engine.stream(rid):
+                now = time.perf_counter()
+                if last is None:
+                    sample.ttft_s = now - sent
+                else:
+                    sample.itl_s.append(now - last)
+                last, sample.tokens = now, sample.tokens + 1
+            out = engine.pop_result(rid)
+            sample.ok, sample.error = out.error is None, out.error
+            samples.append(sample)
 
-    prompts = encode_prompts(tokenizer, BENCH_PROMPTS)
-    eos = tokenizer.eos_token_id
-    gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
-    rows = []
-    with Engine(model, BatchConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=64)) as engine:
-        for clients in (4,) + LEVELS:  # the first pass warms up
-            total = max(clients, int(REQUESTS[clients] * scale))
-            order, lock, samples = iter(range(total)), threading.Lock(), []
-
-            def worker():
-                while True:
-                    with lock:
-                        i = next(order, None)
-                    if i is None:
-                        return
-                    sample, start, last = Sample(), time.perf_counter(), None
-                    rid = engine.add_request(prompts[i % len(prompts)], gc)
-                    for _ in engine.stream(rid):
-                        now = time.perf_counter()
-                        if last is None:
-                            sample.ttft_s = now - start
-                        else:
-                            sample.itl_s.append(now - last)
-                        last, sample.tokens = now, sample.tokens + 1
-                    out = engine.pop_result(rid)
-                    sample.ok, sample.error = out.error is None, out.error
-                    samples.append(sample)
-
-            threads = [threading.Thread(target=worker) for _ in range(clients)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            rows.append(summarize("engine alone", "closed", clients, samples, time.perf_counter() - start))
-    return rows[1:]
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize("engine alone", "closed", clients, samples, time.perf_counter() - began)
 
 
 # ---------------------------------------------------------------- servers as processes
@@ -223,22 +210,12 @@ def _server_argv(kind, model_dir, port, threads):
     return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
             "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--port", str(port), "--host",
             "127.0.0.1", "--cb-block-size", "256", "--cb-num-blocks", str(NUM_BLOCKS * BLOCK_SIZE // 256),
-            "--log-level", "warning"]
+            "--cb-max-batch-tokens", "1024", "--attn-implementation", "sdpa", "--log-level", "warning"]
 
 
-def serve_system(kind, model_dir, max_tokens, scale, threads, workdir, progress) -> tuple[list[dict], str | None]:
+def start_server(kind, model_dir, threads, workdir) -> ServerProcess:
     port = free_port()
-    server = ServerProcess(_server_argv(kind, model_dir, port, threads), port, workdir / f"{kind}.log", _env(threads))
-    try:
-        why = server.wait_ready()
-        if why is not None:
-            return [], why
-        name = "bench" if kind == "cbkernels" else str(model_dir)
-        return load_phases(f"{kind} serve", server.url, name, max_tokens, scale, progress), None
-    finally:
-        code = server.stop()
-        if progress:
-            print(f"  {kind} serve stopped (exit code {code})", flush=True)
+    return ServerProcess(_server_argv(kind, model_dir, port, threads), port, workdir / f"{kind}.log", _env(threads))
 
 
 # ---------------------------------------------------------------- the run
@@ -298,7 +275,13 @@ def _goals(rows) -> list[str]:
 
 def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bool = False, threads=None,
                     peer: bool = True, progress: bool = True) -> list[dict]:
-    from ..models import load_for_device
+    """Both servers run side by side (idle ones take no CPU) and every level measures the
+    three systems back to back, so a change in the machine's load hits them alike."""
+    from transformers import GenerationConfig
+
+    from ..cli.common import load_model_for_cli
+    from ..engine import BatchConfig, Engine
+    from .workloads import encode_prompts
 
     if threads:
         import torch
@@ -306,28 +289,47 @@ def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bo
         torch.set_num_threads(threads)
     scale = 0.5 if quick else 1.0
     model_dir = _model_dir(model)
-    rows, notes = [], []
+    rows, notes, targets = [], [], []
     with tempfile.TemporaryDirectory(prefix="cbkernels-bench-serve-") as tmp:
-        print("cbkernels serve (a separate process):", flush=True)
-        got, why = serve_system("cbkernels", model_dir, max_tokens, scale, threads, Path(tmp), progress)
-        rows += got
-        if why:
-            notes.append(f"cbkernels serve did not start: {why}")
-        print("engine alone (this process, same prompts and cache):", flush=True)
-        hf_model, tokenizer, _ = load_for_device(str(model_dir))
-        rows += engine_phases(hf_model, tokenizer, max_tokens, scale)
-        del hf_model
-        if peer:
-            print("transformers serve --continuous-batching (a separate process):", flush=True)
-            got, why = serve_system("transformers", model_dir, max_tokens, scale, threads, Path(tmp), progress)
-            rows += got
-            if why:
-                notes.append(f"transformers serve could not be measured: {why}")
+        servers = {kind: start_server(kind, model_dir, threads, Path(tmp))
+                   for kind in (("cbkernels", "transformers") if peer else ("cbkernels",))}
+        hf_model, tokenizer, _ = load_model_for_cli(str(model_dir))
+        prompts = encode_prompts(tokenizer, BENCH_PROMPTS)
+        eos = tokenizer.eos_token_id
+        gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
+        engine = Engine(hf_model, BatchConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=64)).start()
+        try:
+            for kind, server in servers.items():
+                why = server.wait_ready()
+                if why is None:
+                    name = "bench" if kind == "cbkernels" else str(model_dir)
+                    targets.append((f"{kind} serve", server.url, name))
+                    http_closed(f"{kind} serve", server.url, name, 4, 8, max_tokens)  # warm-up
+                else:
+                    notes.append(f"{kind} serve could not be measured: {why}")
+            engine_closed(engine, prompts, gc, 4, 8)  # warm-up
+            for clients in LEVELS:
+                total = max(clients, int(REQUESTS[clients] * scale))
+                for system, url, name in targets[:1] + [("engine alone", None, None)] + targets[1:]:
+                    rows.append(engine_closed(engine, prompts, gc, clients, total) if url is None
+                                else http_closed(system, url, name, clients, total, max_tokens))
+                    if progress:
+                        print(f"  {clients:>2} clients  {system:<18} {rows[-1]['out_tok_per_s']:6.1f} tok/s  "
+                              f"{rows[-1]['errors']} errors", flush=True)
+            rate, total = POISSON
+            for system, url, name in targets:
+                rows.append(http_open(system, url, name, rate, max(8, int(total * scale)), max_tokens))
+        finally:
+            engine.stop()
+            for kind, server in servers.items():
+                code = server.stop()
+                if kind == "cbkernels" and code != 0:
+                    notes.append(f"cbkernels serve exited with code {code} on SIGTERM")
     print_table(rows, COLUMNS)
     for line in _goals(rows) + notes:
         print(line)
-    stem = "serve"
-    write_csv(result_path(stem, "csv", out_dir), rows + [{"system": "note", "mode": n} for n in notes])
-    _plot(rows, result_path(stem, "png", out_dir))
-    print(f"wrote {result_path(stem, 'csv', out_dir)} and .png")
+    csv_path, png_path = result_path("serve", "csv", out_dir), result_path("serve", "png", out_dir)
+    write_csv(csv_path, rows + [{"system": "note", "mode": n} for n in notes])
+    _plot(rows, png_path)
+    print(f"wrote {csv_path} and {png_path.name}")
     return rows
