@@ -97,3 +97,17 @@ def test_default_is_off_on_cpu_and_on_for_cuda_configs(llama):
     assert Engine(llama, BatchConfig(backend="torch")).config.async_scheduling is False
     with pytest.raises(TypeError, match="async_scheduling"):
         BatchConfig(async_scheduling="yes")
+
+
+def test_forked_siblings_match_the_synchronous_engine(llama, prompts):
+    """num_return_sequences forks siblings off a prompt computed once; with tokens read back a
+    step late the siblings get the same tokens as with synchronous steps (no stop: no extra
+    rows, so even seeded sampling draws the same numbers in the same order)."""
+    for sampling in (dict(top_k=1), dict(temperature=0.8)):
+        gc = _gen(8, do_sample=True, num_return_sequences=3, **sampling)
+        runs = []
+        for overlap in (False, True):
+            engine = Engine(llama, BatchConfig(backend="torch", async_scheduling=overlap, seed=3, block_size=4))
+            runs.append([o.generated_tokens for o in engine.generate(prompts[:4], gc)])
+            assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
+        assert len(runs[1]) == 12 and runs[1] == runs[0]
