@@ -122,3 +122,35 @@ def test_fp8_refused_where_the_gate_builds_no_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda")) == torch.float8_e4m3fn
     assert kv_cache_dtype("auto", torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+
+def test_compare_counts_tokens_prefix_and_logprob_differences():
+    from types import SimpleNamespace as Out
+
+    from cbkernels.benchmarks.fp8 import compare
+
+    base = [Out(generated_tokens=[1, 2, 3, 4], logprobs=[-0.1, -0.2, -0.3, -0.4]),
+            Out(generated_tokens=[5, 6], logprobs=[-1.0, -2.0])]
+    other = [Out(generated_tokens=[1, 2, 9, 4], logprobs=[-0.15, -0.2, -5.0, -0.4]),
+             Out(generated_tokens=[5, 6, 7], logprobs=[-1.5, -2.0, -0.1])]
+    got = compare(base, other)
+    assert got["tokens"] == 7  # 4 + max(2, 3)
+    assert got["identical"] == pytest.approx(5 / 7)  # positions 0, 1, 3 and 0, 1
+    assert got["common_prefix"] == pytest.approx(4 / 7)  # 2 + 2 before the first difference
+    assert got["dlogp_mean"] == pytest.approx((0.05 + 0.0 + 0.5 + 0.0) / 4)
+    assert got["dlogp_max"] == pytest.approx(0.5)
+
+
+def test_fp8_benchmark_runs_and_writes_its_table(tmp_path):
+    from cbkernels.benchmarks.fp8 import COLUMNS, run_fp8
+
+    prompts = token_prompts([6, 9], vocab=96, seed=2)
+    rows = run_fp8(tiny_llama(), prompts, GenerationConfig(max_new_tokens=3, do_sample=False), out_dir=tmp_path,
+                   formats=("fp8_e4m3",), backend="torch", num_blocks=64)
+    assert [r["kv_cache_dtype"] for r in rows] == ["auto", "fp8_e4m3"]
+    assert rows[0]["identical"] == 1.0 and rows[0]["tf_identical"] == 1.0
+    for r in rows:
+        assert set(COLUMNS) <= set(r) and r["tokens"] == 6
+        assert 0.0 <= r["tf_identical"] <= 1.0 and r["tf_dlogp_max"] >= r["tf_dlogp_mean"] >= 0.0
+    csv = list(tmp_path.glob("fp8-*.csv"))
+    assert len(csv) == 1 and "tf_identical" in csv[0].read_text().splitlines()[0]

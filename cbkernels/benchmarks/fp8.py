@@ -7,7 +7,13 @@ with each fp8 format, compared token by token.
 * ``common_prefix``: share of tokens generated before a request's first difference;
 * ``|dlogp| mean / max``: absolute difference of the chosen token's log-probability, over the
   positions of each request's common prefix (the only ones where both runs saw the same
-  context, so the difference is the cache format's alone).
+  context, so the difference is the cache format's alone);
+* ``tf_identical`` / ``tf_dlogp_*`` (teacher-forced): every position of the model-dtype run is
+  asked again with the fp8 cache, given the same preceding tokens (one request per position,
+  the prompt plus the reference tokens before it, one new token; prefix caching shares the
+  full blocks). The share of positions where fp8 picks the same greedy token, and the
+  log-probability differences where it does: the per-token accuracy, free of the divergence
+  that makes the free-running figures fall after a first difference.
 
 Scales are the engine's computed ones (amax of each layer's first prefill x 2 / the format's
 largest value; the embedded model's checkpoint carries none). ``cbkernels bench fp8``.
@@ -19,8 +25,8 @@ import time
 from .common import report
 
 FORMATS = ("fp8_e4m3", "fp8_e5m2")
-COLUMNS = ["kv_cache_dtype", "requests", "tokens", "identical", "common_prefix", "dlogp_mean", "dlogp_max",
-           "wall_s", "cache_blocks"]
+COLUMNS = ["kv_cache_dtype", "requests", "tokens", "tf_identical", "tf_dlogp_mean", "tf_dlogp_max", "identical",
+           "common_prefix", "dlogp_mean", "dlogp_max", "wall_s", "cache_blocks"]
 
 
 def _run(model, prompts, generation_config, kv_cache_dtype: str, **config):
@@ -49,15 +55,40 @@ def compare(base, other) -> dict:
             "dlogp_mean": sum(diffs) / max(len(diffs), 1), "dlogp_max": max(diffs, default=0.0)}
 
 
+def teacher_forced(model, prompts, base, generation_config, kv_cache_dtype: str, **config) -> dict:
+    """Each reference position asked again under ``kv_cache_dtype`` with the reference prefix."""
+    import copy
+
+    from ..engine import BatchConfig, Engine
+
+    asks, want = [], []
+    for prompt, ref in zip(prompts, base):
+        for k, token in enumerate(ref.generated_tokens):
+            asks.append(list(prompt) + list(ref.generated_tokens[:k]))
+            want.append((token, ref.logprobs[k]))
+    one = copy.deepcopy(generation_config)
+    one.max_new_tokens, one.min_new_tokens = 1, None
+    engine = Engine(model, BatchConfig(kv_cache_dtype=kv_cache_dtype, **config))
+    outputs = engine.generate(asks, one, return_logprobs=True)
+    same, diffs = 0, []
+    for out, (token, logprob) in zip(outputs, want):
+        if out.generated_tokens and out.generated_tokens[0] == token:
+            same += 1
+            diffs.append(abs(out.logprobs[0] - logprob))
+    return {"tf_identical": same / max(len(want), 1), "tf_dlogp_mean": sum(diffs) / max(len(diffs), 1),
+            "tf_dlogp_max": max(diffs, default=0.0)}
+
+
 def run_fp8(model, prompts, generation_config, out_dir=None, formats=FORMATS, **config) -> list[dict]:
     """One run per cache format on the same prompts; the first row is the model-dtype cache."""
     base, wall, blocks = _run(model, prompts, generation_config, "auto", **config)
-    rows = [{"kv_cache_dtype": "auto", "requests": len(prompts), **compare(base, base), "wall_s": wall,
-             "cache_blocks": blocks}]
+    rows = [{"kv_cache_dtype": "auto", "requests": len(prompts), **compare(base, base), "tf_identical": 1.0,
+             "tf_dlogp_mean": 0.0, "tf_dlogp_max": 0.0, "wall_s": wall, "cache_blocks": blocks}]
     for name in formats:
         outputs, wall, blocks = _run(model, prompts, generation_config, name, **config)
-        rows.append({"kv_cache_dtype": name, "requests": len(prompts), **compare(base, outputs), "wall_s": wall,
-                     "cache_blocks": blocks})
+        forced = teacher_forced(model, prompts, base, generation_config, name, **config)
+        rows.append({"kv_cache_dtype": name, "requests": len(prompts), **compare(base, outputs), **forced,
+                     "wall_s": wall, "cache_blocks": blocks})
     report("fp8", rows, COLUMNS, out_dir)
     return rows
 
