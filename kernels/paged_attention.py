@@ -25,7 +25,6 @@ Layout of the work
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -37,7 +36,6 @@ from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch dec
     DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_STAGES, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
 )
-from .paged_attention_body import attend_tile
 from .paged_attention_tiles import _TRITON_DTYPE, LOOP_RANGE, _attention_signature
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
@@ -49,6 +47,7 @@ NEG_BIG = -1.0e30
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 _NEG_BIG = tl.constexpr(NEG_BIG)
+_NEG_TWO_LOG2E = tl.constexpr(-2.0 * LOG2E)
 
 @triton.jit
 def _paged_attention_kernel(
@@ -83,7 +82,6 @@ def _paged_attention_kernel(
     k_scale_ptr,  # fp8 caches: [] or [Hkv] fp32, dequantized = stored * scale
     v_scale_ptr,
     scale_stride,  # 0: one scale per tensor, 1: one per KV head
-    fast_paths,  # 0: every tile masked, the table read per key (CBKERNELS_NO_FAST_PATHS=1, benchmarks)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -152,35 +150,51 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
+    block_mask = (1 << log2_block_size) - 1
     kv_head_off = kv_head.to(tl.int64) * head_dim
-    # Tiles every row of the program sees in full (no causal, window or length boundary inside)
-    # run unmasked: [int_lo, int_hi) of this split's [it_begin, it_end); the boundary tiles on
-    # either side run masked. fast_paths = 0 sends every tile through the masked path.
-    last_pos = first_pos + last_tok // group
-    int_lo = tl.minimum(tl.maximum(it_begin, tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N)), it_end)
-    int_hi = tl.maximum(tl.minimum(it_end, (first_pos + row_start // group + 1) // BLOCK_N), int_lo)
-    int_hi = tl.where(fast_paths != 0, int_hi, int_lo)
-    n_lo = int_lo - it_begin
     # LOOP_RANGE, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound
     # (paged_attention_tiles.version_choices). Compiled, LOOP_RANGE is tl.range: the same loop.
-    for j in LOOP_RANGE(0, n_lo + it_end - int_hi):
-        it = tl.where(j < n_lo, it_begin + j, int_hi + j - n_lo)
-        m_i, l_i, acc = attend_tile(
-            it, q, m_i, l_i, acc, table_row, k_cache_ptr, v_cache_ptr, kv_len, q_pos, window, log2_block_size,
-            stride_kv_slot, kv_head_off, dims, dim_ok, scale_log2, softcap_scale, softcap_log2,
-            BLOCK_N, D_PAD, True, False, IEEE_DOT, UPCAST, KV_FP8)
-    if (1 << log2_block_size) >= BLOCK_N:  # a tile inside one cache block: one table read a tile
-        for it in LOOP_RANGE(int_lo, int_hi):
-            m_i, l_i, acc = attend_tile(
-                it, q, m_i, l_i, acc, table_row, k_cache_ptr, v_cache_ptr, kv_len, q_pos, window, log2_block_size,
-                stride_kv_slot, kv_head_off, dims, dim_ok, scale_log2, softcap_scale, softcap_log2,
-                BLOCK_N, D_PAD, False, True, IEEE_DOT, UPCAST, KV_FP8)
-    else:
-        for it in LOOP_RANGE(int_lo, int_hi):
-            m_i, l_i, acc = attend_tile(
-                it, q, m_i, l_i, acc, table_row, k_cache_ptr, v_cache_ptr, kv_len, q_pos, window, log2_block_size,
-                stride_kv_slot, kv_head_off, dims, dim_ok, scale_log2, softcap_scale, softcap_log2,
-                BLOCK_N, D_PAD, False, False, IEEE_DOT, UPCAST, KV_FP8)
+    for it in LOOP_RANGE(it_begin, it_end):
+        k_pos = it * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        k_ok = k_pos < kv_len
+        # Entries past the sequence's last block are garbage: masked, never dereferenced.
+        block = tl.load(table_row + (k_pos >> log2_block_size), mask=k_ok, other=0).to(tl.int64)
+        slot = (block << log2_block_size) + (k_pos & block_mask)
+        kv_offs = slot * stride_kv_slot + kv_head_off  # [BLOCK_N] int64
+        kv_mask = k_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, D_PAD]
+        v = tl.load(v_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        elif KV_FP8:  # every fp8 number is exact in fp16, bf16 and fp32
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        if softcap_scale > 0:
+            # c * tanh(x / c) with tanh(|y|) = (1 - e) / (1 + e), e = exp2(-2 |y| log2 e) in (0, 1].
+            y = qk * softcap_scale
+            e = tl.exp2(tl.abs(y) * _NEG_TWO_LOG2E)
+            t = (1.0 - e) / (1.0 + e)
+            s = tl.where(y < 0, -t, t) * softcap_log2
+        else:
+            s = qk * scale_log2
+        visible = (k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+                   & (k_pos[None, :] > q_pos[:, None] - window))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc += tl.dot(p, v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr + kv_head * scale_stride)
@@ -325,7 +339,6 @@ def launch_paged_attention(
         int(sinks is not None), int(lse is not None), splits,
         int(max_seqlen_q * (num_q_heads // num_kv_heads) <= tile.block_m),
         k_scale if fp8 else sinks_f, v_scale if fp8 else sinks_f, int(fp8 and k_scale.dim() == 1),
-        int(os.environ.get("CBKERNELS_NO_FAST_PATHS", "0") != "1"),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
         IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast, KV_FP8=fp8,
         num_warps=tile.num_warps, num_stages=tile.num_stages,

@@ -239,7 +239,7 @@ def _attention_signature(dtype: str, index: str, cache: str | None = None) -> di
         "stride_q_tok": "i32", "stride_kv_slot": "i32", "stride_table": "i32", "log2_block_size": "i32",
         "scale_log2": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32", "sliding_window": "i32", "has_sinks": "i32",
         "store_lse": "i32", "num_splits": "i32", "one_tile_per_seq": "i32",
-        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_stride": "i32", "fast_paths": "i32",
+        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_stride": "i32",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D_PAD": "constexpr",
         "IEEE_DOT": "constexpr", "UPCAST": "constexpr", "KV_FP8": "constexpr",
     }

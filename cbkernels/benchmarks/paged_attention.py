@@ -307,28 +307,6 @@ def append_verdict(path, measure: str, goal: str, value: str, ok: bool) -> None:
             f.write(json.dumps({"measure": measure, "goal": goal, "value": value, "pass": bool(ok)}) + "\n")
 
 
-def fast_paths_ab(path=None) -> list[dict]:
-    """The kernel with and without its tile-level fast paths (CBKERNELS_NO_FAST_PATHS=1, read at
-    each launch), interleaved on the same inputs: a decode and a prefill shape."""
-    import os
-
-    rows = []
-    for kind, lengths in (("decode", [(1, 4096)] * 64), ("prefill", [(2048, 2048)] * 4)):
-        inp = _paged_inputs(lengths, 32, 8, 128, 16, torch.bfloat16, "cuda")
-        out = torch.empty_like(inp["q"])
-        ms = {}
-        for label, env in (("off", "1"), ("on", "0"), ("off2", "1"), ("on2", "0")):
-            os.environ["CBKERNELS_NO_FAST_PATHS"] = env
-            ms[label] = _rotating_bench(lambda i: _attend(inp, out), L2_BYTES)
-        os.environ.pop("CBKERNELS_NO_FAST_PATHS", None)
-        before, after = min(ms["off"], ms["off2"]), min(ms["on"], ms["on2"])
-        rows.append(dict(kind=kind, ms_without=before, ms_with=after, speedup=before / after))
-        append_verdict(path, f"fast paths, {kind} bf16 (ms without / with)", ">= 1.0x (no slower)",
-                       f"{before:.3f} / {after:.3f} ms ({before / after:.2f}x)", before / after >= 1.0)
-        del inp, out
-    return rows
-
-
 def _verdicts(path, decode: list[dict], prefill: list[dict]) -> None:
     if decode:
         best = max(decode, key=lambda r: r["pct_ceiling"])
@@ -362,7 +340,6 @@ def main(argv=None) -> int:
     print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
                           "paging_cost_pct", "vs_sdpa_pct"])
     _verdicts(args.verdicts, decode, [])
-    print_table(fast_paths_ab(args.verdicts), ["kind", "ms_without", "ms_with", "speedup"])
     prefill = bench_prefill(PREFILL_QUICK if args.quick else PREFILL_SWEEP)
     print()
     print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
