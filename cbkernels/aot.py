@@ -111,15 +111,43 @@ def all_configs(modules=KERNEL_MODULES):
         yield from module.aot_configs()
 
 
-def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True) -> list[CompileResult]:
-    configs = list(all_configs(modules))
-    jobs = [(c, a) for c in configs for a in archs if c.archs is None or a in c.archs]
+def _compile_job(job: tuple[str, int, int]) -> CompileResult:
+    """One (module, config index, arch) in a worker process: configs hold jit functions, which
+    do not pickle, so a worker rebuilds the module's config list and picks its entry."""
+    module, index, arch = job
+    config = importlib.import_module(f"cbkernels.kernels.{module}").aot_configs()[index]
+    return compile_config(config, arch)
+
+
+def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True, jobs: int = 1) -> list[CompileResult]:
+    """Compile every config for every arch it is listed for; ``jobs`` > 1 compiles in that many
+    worker processes (the results keep the serial order)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
+    work = []
+    for name in modules:
+        for i, c in enumerate(importlib.import_module(f"cbkernels.kernels.{name}").aot_configs()):
+            work += [(name, i, a) for a in archs if c.archs is None or a in c.archs]
     try:
         from tqdm import tqdm
-        iterator = tqdm(jobs, desc="compiling", unit="config", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(work), desc="compiling", unit="config", disable=not progress, file=sys.stderr)
     except ImportError:  # tqdm is a dependency; the gate must still run without it
-        iterator = jobs
-    return [compile_config(c, a) for c, a in iterator]
+        bar = None
+    results = []
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for r in pool.map(_compile_job, work):
+                results.append(r)
+                bar is not None and bar.update()
+    else:
+        for job in work:
+            results.append(_compile_job(job))
+            bar is not None and bar.update()
+    if bar is not None:
+        bar.close()
+    return results
 
 
 def versions_line(archs=ARCHS) -> str:
@@ -152,10 +180,12 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", action="append", choices=KERNEL_MODULES, help="kernel module (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="worker processes compiling in parallel (default: one per CPU)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     archs = tuple(args.arch or ARCHS)
-    results = run_gate(archs, tuple(args.kernel or KERNEL_MODULES), progress=not args.quiet)
+    results = run_gate(archs, tuple(args.kernel or KERNEL_MODULES), progress=not args.quiet, jobs=max(args.jobs, 1))
     print(versions_line(archs))
     print(format_table(results))
     if args.json:
