@@ -33,13 +33,16 @@ class Fp8Format:
 # * e4m3 on sm_80: Triton refuses the type ("type fp8e4nv not supported in this architecture.
 #   The supported fp8 dtypes are ('fp8e4b15', 'fp8e5')"; tests/test_aot.py checks it still
 #   does). The launch tables map sm_89 to the sm_80 entries, so e4m3 needs sm_90.
-# * e5m2 compiles on sm_80 and sm_90 (its conversion to fp16 is a shift).
+# * e5m2 on sm_80: Triton 3.9 builds it (conversions emulated), but Triton 3.6 emits the sm_89
+#   instruction for the scatter's fp32 -> e5m2 store and ptxas refuses it ("Feature 'cvt with
+#   .e4m3x2/.e5m2x2' requires .target sm_89 or higher"). One rule for the supported range:
+#   both formats need sm_90.
 # * fp32 queries over an fp8 cache spill on sm_90 at every tile (255 registers, 368-6472 B of
 #   spills: the fp8 -> fp32 converted tiles double the K/V registers of the IEEE-dot tiles), so
 #   on CUDA an fp8 cache takes fp16 / bf16 queries only (the interpreter runs all three).
 FP8_FORMATS = {
     torch.float8_e4m3fn: Fp8Format(torch.float8_e4m3fn, "fp8e4nv", 448.0, 3, -6, 90),
-    torch.float8_e5m2: Fp8Format(torch.float8_e5m2, "fp8e5", 57344.0, 2, -14, 80),
+    torch.float8_e5m2: Fp8Format(torch.float8_e5m2, "fp8e5", 57344.0, 2, -14, 90),
 }
 FP8_DTYPES = tuple(FP8_FORMATS)
 FP8_QUERY_DTYPES_CUDA = (torch.float16, torch.bfloat16)

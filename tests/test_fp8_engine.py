@@ -116,10 +116,12 @@ def test_fp8_refused_where_the_gate_builds_no_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match="kv_cache_dtype: float8_e4m3fn KV caches need compute capability >= 9.0"):
         kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda"))
-    assert kv_cache_dtype("fp8_e5m2", torch.bfloat16, torch.device("cuda")) == torch.float8_e5m2
+    with pytest.raises(ValueError, match="kv_cache_dtype: float8_e5m2 KV caches need compute capability >= 9.0"):
+        kv_cache_dtype("fp8_e5m2", torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(ValueError, match="kv_cache_dtype: fp8 caches on CUDA need a float16 / bfloat16 model"):
         kv_cache_dtype("fp8_e5m2", torch.float32, torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kv_cache_dtype("fp8_e5m2", torch.bfloat16, torch.device("cuda")) == torch.float8_e5m2
     assert kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda")) == torch.float8_e4m3fn
     assert kv_cache_dtype("auto", torch.bfloat16, torch.device("cuda")) == torch.bfloat16
 
