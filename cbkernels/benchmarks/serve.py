@@ -42,7 +42,7 @@ REQUESTS = {1: 8, 4: 16, 16: 48, 64: 128}  # per closed-loop level
 POISSON = (3.0, 60)  # arrivals per second, requests
 NUM_BLOCKS, BLOCK_SIZE = 512, 16  # cbkernels' cache; transformers gets 32 x 256: the same 8,192 tokens
 START_BUDGET_S = 60.0  # a closed loop starts no new request after this (a slow system does fewer requests)
-PHASE_TIMEOUT_S = 900.0
+PHASE_TIMEOUT_S = 600.0  # requests still unanswered then count as lost
 COLUMNS = ["system", "mode", "clients", "requests", "ok", "errors", "5xx", "lost", "wall_s", "req_per_s",
            "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "loadavg_1m"]
 
@@ -121,7 +121,7 @@ async def _request(client, url: str, model: str, prompt: str, max_tokens: int) -
 async def _closed_loop(url, model, clients, total, max_tokens):
     import httpx
 
-    order = iter(range(total))
+    order, started = iter(range(total)), []
     samples: list[Sample] = []
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=PHASE_TIMEOUT_S, limits=limits) as client:
@@ -129,11 +129,19 @@ async def _closed_loop(url, model, clients, total, max_tokens):
             for i in order:
                 if time.perf_counter() - start > START_BUDGET_S:
                     return
+                started.append(i)
                 samples.append(await _request(client, url, model, BENCH_PROMPTS[i % len(BENCH_PROMPTS)], max_tokens))
 
         start = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), PHASE_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), PHASE_TIMEOUT_S)
+        except asyncio.TimeoutError:  # what has not answered by now is lost
+            samples += [_timed_out() for _ in range(len(started) - len(samples))]
         return samples, time.perf_counter() - start
+
+
+def _timed_out() -> Sample:
+    return Sample(lost=True, error=f"no answer within {PHASE_TIMEOUT_S:.0f} s")
 
 
 async def _open_loop(url, model, rate, total, max_tokens, seed=0):
@@ -147,8 +155,11 @@ async def _open_loop(url, model, rate, total, max_tokens, seed=0):
             await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
             tasks.append(asyncio.ensure_future(_request(client, url, model, BENCH_PROMPTS[i % len(BENCH_PROMPTS)],
                                                         max_tokens)))
-        samples = await asyncio.wait_for(asyncio.gather(*tasks), PHASE_TIMEOUT_S)
-        return list(samples), time.perf_counter() - start
+        done, pending = await asyncio.wait(tasks, timeout=PHASE_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        samples = [t.result() for t in tasks if t in done] + [_timed_out() for _ in pending]
+        return samples, time.perf_counter() - start
 
 
 def http_closed(system, url, model, clients, total, max_tokens) -> dict:
@@ -235,13 +246,14 @@ def _plot(rows, path):
     if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for system in dict.fromkeys(r["system"] for r in rows):
+    for n, system in enumerate(dict.fromkeys(r["system"] for r in rows)):
         pts = [r for r in rows if r["system"] == system and r["mode"] == "closed"]
         xs = [r["clients"] for r in pts]
-        left.plot(xs, [r["out_tok_per_s"] for r in pts], marker="o", label=system)
+        left.plot(xs, [r["out_tok_per_s"] for r in pts], marker="o", label=system, color=f"C{n}")
         if system != "engine alone":
-            right.plot(xs, [r["ttft_p99_ms"] for r in pts], marker="o", label=system)
-    for ax, label in ((left, "output tokens/s"), (right, "p99 time to first token (ms)")):
+            right.plot(xs, [r["ttft_p99_ms"] for r in pts], marker="o", label=system, color=f"C{n}")
+    right.set_yscale("log")
+    for ax, label in ((left, "output tokens/s"), (right, "p99 time to first token (ms, log)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients (closed loop)")
         ax.set_ylabel(label)
