@@ -61,6 +61,12 @@ def main(argv=None) -> int:
     # Run offline: models load from local files only, never from a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # CPU threads that wait for work sleep instead of spinning. With spinning (OpenMP's
+    # default), torch's threads on a machine that is busy with anything else fight the other
+    # work for every core: measured here, decoding SmolLM2 fell from 15 to 1.4 tokens/s on two
+    # busy cores; sleeping threads keep 15. Read when torch loads, hence here, before any import
+    # of it; OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
     try:
