@@ -160,7 +160,7 @@ def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bo
     three systems back to back, so a change in the machine's load hits them alike."""
     from transformers import GenerationConfig
 
-    from ..cli.common import load_model_for_cli
+    from ..models import load_for_device
     from ..engine import BatchConfig, Engine
     from .workloads import encode_prompts
 
@@ -174,7 +174,7 @@ def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bo
     with tempfile.TemporaryDirectory(prefix="cbkernels-bench-serve-") as tmp:
         servers = {kind: start_server(kind, model_dir, threads, Path(tmp))
                    for kind in (("cbkernels", "transformers") if peer else ("cbkernels",))}
-        hf_model, tokenizer, _ = load_model_for_cli(str(model_dir))
+        hf_model, tokenizer, _ = load_for_device(str(model_dir))
         prompts = encode_prompts(tokenizer, BENCH_PROMPTS)
         eos = tokenizer.eos_token_id
         gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
