@@ -59,6 +59,7 @@ BAD = [  # (name, path, body, status, param, code)
     ("top_k a float", CHAT, chat(top_k=2.5), 400, "top_k", None),
     ("n zero", CHAT, chat(n=0), 400, "n", None),
     ("n huge", CHAT, chat(n=1000), 400, "n", None),
+    ("n over the server's capacity", CHAT, chat(n=4), 400, "n", None),  # 2 running + 1 waiting
     ("five stop strings", CHAT, chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     ("empty stop string", CHAT, chat(stop=[""]), 400, "stop", None),
     ("seed a float", CHAT, chat(seed=1.5), 400, "seed", None),

@@ -176,6 +176,9 @@ class EngineBridge:
     def _admit(self, n: int) -> None:
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
+        if n > self.capacity:  # could never be admitted: retrying would not help
+            raise APIError(400, f"the request needs {n} sequences (n x prompts); this server runs at most "
+                                f"{self.capacity} at once", param="n")
         if self.in_flight + n > self.capacity:
             raise APIError(429, f"the server is at capacity ({self.in_flight} sequences in flight, limit "
                                 f"{self.capacity}); retry later", code="server_overloaded",
