@@ -33,6 +33,16 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
     assert len(err) == 1 and needle in err[0] and err[0].startswith("cbkernels serve: error:")
 
 
+def test_serve_help_is_fast_to_start():
+    """--help imports none of torch, transformers, FastAPI, uvicorn (they load when serving starts)."""
+    probe = ("import json, sys\nfrom cbkernels.cli import main\ntry:\n    main(['serve', '--help'])\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             "print(json.dumps([code] + [m in sys.modules for m in ('torch', 'transformers', 'fastapi', 'uvicorn')]))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, False, False, False, False], proc.stderr
+    assert "--max-queue" in proc.stdout and "--api-key" in proc.stdout
+
+
 @pytest.mark.parametrize("host,key,warns", [("0.0.0.0", None, True), ("192.168.1.7", None, True), ("::", None, True),
                                             ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
                                             ("::1", None, False), ("localhost", None, False)])
