@@ -6,29 +6,8 @@ sampling, and the scheduler moves every request on with its sampled token (finis
 requests free their blocks). ``generate()`` runs steps until every request is done;
 ``add_request`` / ``stream`` / ``cancel`` / ``get_result`` serve requests one by one.
 
-Reliability contract:
-
-* Engine-level misuse raises before anything is scheduled: ``TypeError`` for inputs that
-  are not lists of int token ids or a ``generation_config`` that is not a GenerationConfig,
-  ``ValueError`` for out-of-range sampling numbers or a reused ``request_id``, ``KeyError``
-  for an unknown ``request_id`` (see ``cbkernels.engine.inputs``).
-* Generation configs resolve as ``model.generate()`` resolves them (``hf_generation``): the
-  model's generation config fills what the passed one leaves unset; a field the engine does
-  not implement warns (``IgnoredSettingWarning``). ``config`` may be transformers'
-  ``ContinuousBatchingConfig`` (``hf_config``). ``num_return_sequences = n`` gives n
-  requests per prompt (``<id>``, ``<id>__child#0``, ...): the prompt is prefilled once and
-  the others adopt its cache blocks.
-* A problem of one prompt (empty, a token id outside the vocabulary, longer than the
-  model's positions or the cache, ``max_new_tokens <= 0``) makes that request FAILED with a
-  reason on ``.error``; the others run.
-* An exception inside a step (model forward, sampling) fails exactly that step's requests
-  with the error text, frees their blocks, and the engine keeps serving. A
-  ``KeyboardInterrupt`` (any ``BaseException``) does the same, then propagates; inside
-  ``generate`` the call's unfinished requests are failed and freed and the model's
-  attention implementation is restored, so the engine stays reusable.
-* Thread safety: one lock guards the scheduler and request state. ``start()`` runs the
-  steps in a background thread; then ``add_request`` / ``cancel`` / ``stream`` /
-  ``generate`` may be called from any thread (``stream`` waits on a condition variable).
+The reliability contract (what raises, what fails one request, what a fault in a step does,
+which calls are thread-safe) is in docs/architecture.md, "What the engine promises".
 """
 from __future__ import annotations
 
