@@ -59,8 +59,28 @@ def _cache_mb(cache: Path) -> float:
     return round(sum(f.stat().st_size for f in files) / 1e6, 1)
 
 
+def _serve_health_row(env: dict, cache: Path) -> dict:
+    """Seconds from starting ``cbkernels serve`` (warm cache) to its first ``/health`` 200."""
+    from ..server.testing import ServerProcess, free_port
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    port = free_port()
+    start = time.perf_counter()
+    server = ServerProcess([sys.executable, "-m", "cbkernels", "serve", "--port", str(port)], port,
+                           cache / "serve.log", env)
+    problem = server.wait_ready(timeout_s=120)
+    seconds = time.perf_counter() - start
+    code = server.stop()
+    if problem is not None:
+        raise RuntimeError(f"cbkernels serve did not come up: {problem}")
+    return {"run": "serve-health", "wall_s": round(seconds, 2), "generation_s": 0.0, "startup_s": round(seconds, 2),
+            "cpu_s": "", "cache_mb": _cache_mb(cache), "answer": f"/health 200; SIGTERM exit {code}",
+            "goal_s": GOAL_S, "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "prompt": "", "max_new_tokens": ""}
+
+
 def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list[dict]:
-    """Time ``--help``, one cold and ``warm_runs`` warm generate runs; write the CSV."""
+    """Time ``--help``, one cold and ``warm_runs`` warm generate runs, and ``cbkernels serve``
+    until ``/health`` answers; write the CSV."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="cbkernels-startup-") as cache:
         env = dict(os.environ, **{CACHE_ENV: cache})
@@ -85,6 +105,7 @@ def run_startup(out_dir=None, warm_runs: int = 3, progress: bool = True) -> list
                          "answer": answer[:60], "goal_s": GOAL_S if name.startswith("warm") else "",
                          "cpus": os.cpu_count(), "load_avg_1m": round(load, 2), "prompt": PROMPT if name != "help" else "",
                          "max_new_tokens": MAX_NEW_TOKENS if name != "help" else ""})
+        rows.append(_serve_health_row(env, Path(cache)))
     print_table(rows, ["run", "wall_s", "startup_s", "generation_s", "cpu_s", "load_avg_1m", "answer"])
     warm = [r["wall_s"] for r in rows if r["run"] == "warm"]
     if warm:
