@@ -178,3 +178,15 @@ def reference_tokens(model, prompts, generation_config) -> list[list[int]]:
     with torch.no_grad():
         return [model.generate(torch.tensor([p], device=model.device), generation_config=generation_config)[0, len(p):]
                 .tolist() for p in prompts]
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A random-weight 2-layer causal LM of any transformers architecture (vocab 128, hidden 64,
+    4 query / 2 KV heads of 16), pad id 0, bos 1 and no eos in its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=16,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()

@@ -9,14 +9,14 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.configuration_utils import CompileConfig, ContinuousBatchingConfig
 
 import cbkernels
 from cbkernels import BatchConfig, Engine, PrefillFirstScheduler
 from cbkernels.engine import hf_config
 from cbkernels.engine.hf_config import IgnoredSettingWarning, UNCAPPED_BYTES, choose_config
-from cbkernels.testing import tiny_llama, token_prompts
+from cbkernels.testing import tiny_llama, tiny_model, token_prompts
 
 VOCAB = 96
 
@@ -197,14 +197,6 @@ def test_batch_config_still_works_positionally(llama):
 ARCHS = {"llama": 5, "qwen2": 7, "gpt_oss": 9, "glm": 9, "helium": 2, "gemma2": 4}
 
 
-def _tiny(model_type):
-    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=16,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
 def _stop_index(tokens, target):
     """The first position >= target whose token is new there (so EOS = that token stops
     exactly after it), else the last such position before target."""
@@ -214,7 +206,7 @@ def _stop_index(tokens, target):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_eos_from_the_model_generation_config_stops_like_generate(arch):
-    model = _tiny(arch)
+    model = tiny_model(arch)
     prompt = [5, 9, 17, 33, 2, 7, 8]
     with torch.no_grad():
         free = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()

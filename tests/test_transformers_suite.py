@@ -15,12 +15,12 @@ import queue
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
 import cbkernels
-from cbkernels.testing import tiny_llama, tiny_sliding_qwen2, token_prompts
+from cbkernels.testing import tiny_llama, tiny_model, tiny_sliding_qwen2, token_prompts
 
 VOCAB = 96
 ORIGIN = "transformers tests/generation/test_continuous_batching.py"
@@ -43,14 +43,6 @@ NOT_APPLICABLE = {
     "test_cache_internals (allocators, block pool, sector accounting)": "transformers' internal classes; the "
     "equivalent checks of cbkernels' cache are tests/test_cache.py and tests/test_kv_cache.py",
 }
-
-
-def _tiny(model_type):
-    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=16,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 @pytest.fixture
@@ -84,7 +76,7 @@ def test_not_applicable_cases_are_listed_with_reasons():
 def test_continuous_batching_parity(arch, allow_block_sharing, prompts):
     """origin: ORIGIN, test_continuous_batching_parity (generate_batch equals generate() per
     prompt; transformers runs it on Llama / Qwen / Gemma / GPT-OSS checkpoints)."""
-    model = cbkernels.enable(_tiny(arch))
+    model = cbkernels.enable(tiny_model(arch))
     gc = _gc(max_new=8)
     cb = ContinuousBatchingConfig(page_size=16, allow_block_sharing=allow_block_sharing)
     results = model.generate_batch(prompts, gc, continuous_batching_config=cb)
