@@ -55,6 +55,20 @@ def _scatter_kv_kernel(
 
 
 @triton.jit
+def _gather_addresses(block_tables_ptr, cu_seqlens_ptr, seq, pos, seq_len, cols, row_elems, block_table_stride,
+                      block_size):
+    """(mask, cache offsets, output offsets) of a gather tile: positions ``pos`` of sequence
+    ``seq`` through its block-table row, packed after ``cu_seqlens[seq]`` in the output."""
+    pos_ok = pos < seq_len
+    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    blocks = tl.load(table_row + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+    slots = blocks * block_size + pos % block_size
+    mask = pos_ok[:, None] & (cols < row_elems)[None, :]
+    out_rows = tl.load(cu_seqlens_ptr + seq).to(tl.int64) + pos
+    return mask, slots[:, None] * row_elems + cols[None, :], out_rows[:, None] * row_elems + cols[None, :]
+
+
+@triton.jit
 def _gather_kv_kernel(
     k_cache_ptr,  # [num_slots, row]
     v_cache_ptr,  # [num_slots, row]
@@ -75,14 +89,8 @@ def _gather_kv_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
     if tl.program_id(1) * ROWS >= seq_len:
         return
-    pos_ok = pos < seq_len
-    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-    blocks = tl.load(table_row + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
-    slots = blocks * block_size + pos % block_size
-    mask = pos_ok[:, None] & (cols < row_elems)[None, :]
-    src = slots[:, None] * row_elems + cols[None, :]
-    out_rows = tl.load(cu_seqlens_ptr + seq).to(tl.int64) + pos
-    dst = out_rows[:, None] * row_elems + cols[None, :]
+    mask, src, dst = _gather_addresses(block_tables_ptr, cu_seqlens_ptr, seq, pos, seq_len, cols, row_elems,
+                                       block_table_stride, block_size)
     tl.store(keys_ptr + dst, tl.load(k_cache_ptr + src, mask=mask), mask=mask)
     tl.store(values_ptr + dst, tl.load(v_cache_ptr + src, mask=mask), mask=mask)
 
@@ -151,15 +159,9 @@ def _gather_kv_fp8_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
     if tl.program_id(1) * ROWS >= seq_len:
         return
-    pos_ok = pos < seq_len
     col_ok = cols < row_elems
-    table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
-    blocks = tl.load(table_row + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
-    slots = blocks * block_size + pos % block_size
-    mask = pos_ok[:, None] & col_ok[None, :]
-    src = slots[:, None] * row_elems + cols[None, :]
-    out_rows = tl.load(cu_seqlens_ptr + seq).to(tl.int64) + pos
-    dst = out_rows[:, None] * row_elems + cols[None, :]
+    mask, src, dst = _gather_addresses(block_tables_ptr, cu_seqlens_ptr, seq, pos, seq_len, cols, row_elems,
+                                       block_table_stride, block_size)
     head = (cols // head_dim) * scale_stride
     k_scale = tl.load(k_scale_ptr + head, mask=col_ok, other=1.0)[None, :]
     v_scale = tl.load(v_scale_ptr + head, mask=col_ok, other=1.0)[None, :]
