@@ -1,7 +1,7 @@
 """The continuous-batching engine: requests, cache, scheduler, model runner, serving loop.
 
 A step reads schedule -> run -> postprocess: ``Scheduler.schedule()`` picks the requests and
-token counts, ``ModelRunner.run`` does one packed forward and samples, and
+token counts, ``ModelRunner.launch`` does one packed forward and samples, and
 ``Scheduler.postprocess`` moves every request on (tokens, states, finished requests).
 
 The names below load on first use, so importing a light module of this package (such as

@@ -116,12 +116,6 @@ class ModelRunner:
             logits = self._eager(requests, counts, sampling)
         return order, requests, sampling, logits
 
-    def run(self, batch) -> list[Optional[int]]:
-        """Run a scheduled batch and sample on the host: one entry per ``batch.requests``, the
-        sampled token or None for a prefill chunk that does not reach the end of its prompt."""
-        step = self.launch(batch, on_device=False)
-        return step.sampled()
-
     @torch.inference_mode()
     def launch(self, batch, *, on_device: bool = False) -> InFlightStep:
         """Run a scheduled batch (copy-on-write copies first) and sample. ``on_device``
