@@ -21,8 +21,10 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-# Kernel modules under cbkernels.kernels that expose ``aot_configs()``.
+# Kernel modules under cbkernels.kernels (the --kernel choices) and the module of each that
+# exposes ``aot_configs()``: the attention kernel keeps its configs apart from its launcher.
 KERNEL_MODULES = ("kv_cache", "paged_attention")
+CONFIG_MODULES = {"kv_cache": "kv_cache", "paged_attention": "paged_attention_aot"}
 ARCHS = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -107,7 +109,7 @@ def all_configs(modules=KERNEL_MODULES):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
     for name in modules:
-        module = importlib.import_module(f"cbkernels.kernels.{name}")
+        module = importlib.import_module(f"cbkernels.kernels.{CONFIG_MODULES[name]}")
         yield from module.aot_configs()
 
 
@@ -115,7 +117,7 @@ def _compile_job(job: tuple[str, int, int]) -> CompileResult:
     """One (module, config index, arch) in a worker process: configs hold jit functions, which
     do not pickle, so a worker rebuilds the module's config list and picks its entry."""
     module, index, arch = job
-    config = importlib.import_module(f"cbkernels.kernels.{module}").aot_configs()[index]
+    config = importlib.import_module(f"cbkernels.kernels.{CONFIG_MODULES[module]}").aot_configs()[index]
     return compile_config(config, arch)
 
 
@@ -126,7 +128,7 @@ def run_gate(archs=ARCHS, modules=KERNEL_MODULES, progress: bool = True, jobs: i
         raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
     work = []
     for name in modules:
-        for i, c in enumerate(importlib.import_module(f"cbkernels.kernels.{name}").aot_configs()):
+        for i, c in enumerate(importlib.import_module(f"cbkernels.kernels.{CONFIG_MODULES[name]}").aot_configs()):
             work += [(name, i, a) for a in archs if c.archs is None or a in c.archs]
     try:
         from tqdm import tqdm

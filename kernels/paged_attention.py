@@ -30,13 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AotConfig, interpreting
-from .fp8 import FP8_FORMATS, FP8_QUERY_DTYPES_CUDA
+from ._common import interpreting
+from .fp8 import FP8_FORMATS
 from .paged_attention_tiles import (  # noqa: F401  (re-exported: the launch decisions of this kernel)
     DECODE_BLOCK_M, INTERPRETER_SM_COUNT, MAX_SPLITS, MERGE_NUM_STAGES, MERGE_NUM_WARPS, MIN_D_PAD, TILES, LaunchPlan, Tile,
     num_virtual_tiles, padded_head_dim, pick_num_splits, pick_tile, plan_launch,
 )
-from .paged_attention_tiles import _TRITON_DTYPE, LOOP_RANGE, _attention_signature
+from .paged_attention_tiles import LOOP_RANGE
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln 2: converts the kernel's base-2 log-sum-exp to natural log
@@ -351,42 +351,3 @@ def launch_paged_attention(
         )
     if upcast:
         out.copy_(target)
-
-
-# --------------------------------------------------------------------------- AOT configs
-def aot_configs() -> list[AotConfig]:
-    """Every (dtype, head-dim pad, tile) the launcher can pick on sm_80 and sm_90, plus the merge.
-
-    The launcher hands seq_lens / cu_seqlens_q to the kernel as int32 whatever their input
-    dtype, so int32 is the only index specialisation. Head dims divisible by 16 (64, 96 as D,
-    128, 256) are hinted as the JIT would see them.
-    """
-    configs = []
-    for arch in sorted(TILES):
-        for (kind, size, d_pad), tile in TILES[arch].items():
-            dtypes = (torch.float32,) if size == 4 else (torch.float16, torch.bfloat16)
-            for dtype in dtypes:
-                name = _TRITON_DTYPE[dtype]
-                fp8 = [f.triton_name for f in FP8_FORMATS.values()
-                       if arch >= f.min_arch and dtype in FP8_QUERY_DTYPES_CUDA]
-                for cache in [None] + fp8:
-                    kv = f",kv={cache}" if cache else ""
-                    configs.append(AotConfig(
-                        f"paged_attention[{kind},{name}{kv},d{d_pad},m{tile.block_m},n{tile.block_n},"
-                        f"w{tile.num_warps},s{tile.num_stages}]",
-                        _paged_attention_kernel, _attention_signature(name, "i32", cache),
-                        {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "D_PAD": d_pad,
-                         "IEEE_DOT": dtype == torch.float32, "UPCAST": False, "KV_FP8": cache is not None},
-                        tile.num_warps, tile.num_stages,
-                        divisible=("head_dim", "stride_q_tok", "stride_kv_slot"), archs=(arch,),
-                    ))
-    for dtype, name in _TRITON_DTYPE.items():
-        for d_pad in (64, 128, 256):
-            configs.append(AotConfig(
-                f"merge_splits[{name},d{d_pad}]", _merge_splits_kernel,
-                {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "sinks_ptr": "*fp32", "out_ptr": f"*{name}",
-                 "lse_ptr": "*fp32", "num_rows": "i32", "num_q_heads": "i32", "head_dim": "i32",
-                 "has_sinks": "i32", "store_lse": "i32", "num_splits": "i32", "D_PAD": "constexpr"},
-                {"D_PAD": d_pad}, MERGE_NUM_WARPS, MERGE_NUM_STAGES, divisible=("head_dim",),
-            ))
-    return configs

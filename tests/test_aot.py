@@ -16,7 +16,7 @@ import torch
 import triton
 
 from cbkernels.aot import ARCHS, KERNEL_MODULES, SHARED_MEMORY_LIMIT
-from cbkernels.kernels import paged_attention as pa
+from cbkernels.kernels import paged_attention_aot as pa_aot
 from cbkernels.kernels import paged_attention_tiles as tiles
 from cbkernels.kernels.fp8 import FP8_FORMATS, FP8_QUERY_DTYPES_CUDA
 
@@ -98,7 +98,7 @@ def _config_name(kind: str, dtype: torch.dtype, d_pad: int, tile, kv: str = "") 
 def test_gate_configs_are_exactly_the_launchers_picks():
     """Every tile pick_tile can return on this Triton is a gate config for that arch, and every
     gate config of the attention kernel is such a pick: no config compiled for nothing, none missed."""
-    gate = {(c.name, arch) for c in pa.aot_configs() if c.name.startswith("paged_attention[")
+    gate = {(c.name, arch) for c in pa_aot.aot_configs() if c.name.startswith("paged_attention[")
             for arch in c.archs}
     picked = set()
     for arch in tiles.TILES:
