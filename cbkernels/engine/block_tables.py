@@ -78,6 +78,21 @@ class DeviceBlockTables:
             self.synced[g][request_id] = n
         return row
 
+    def sync_rows(self, request_ids, host_tables: list[dict[str, list[int]]], out: list[int]) -> list[int]:
+        """``pending_updates`` for many requests at once (``host_tables``: each group's
+        allocator tables by request id); returns their rows. A request whose tables did not
+        grow since the last step costs two dict lookups per group."""
+        rows, row_of, no_blocks = [], self.row_of, ()
+        groups = list(zip(host_tables, self.synced))
+        for rid in request_ids:
+            row = row_of.get(rid)
+            rows.append(self.row(rid) if row is None else row)
+            for tables, synced in groups:
+                if len(tables.get(rid, no_blocks)) != synced.get(rid, 0):
+                    self.pending_updates(rid, [t.get(rid, []) for t in host_tables], out)
+                    break
+        return rows
+
     def apply(self, updates: torch.Tensor) -> None:
         """Write ``updates`` ([4 * n] int64 on the device, see ``pending_updates``)."""
         if updates.numel() == 0:

@@ -52,27 +52,34 @@ class ModelRunner:
         """Host plan of a step; ``requests`` must list one-row requests first. Work per
         request is O(1) for a decode (block tables stay on the device; only entries appended
         since the last step are sent)."""
-        tables, allocators = self.cache.device_tables, self.cache.allocators
-        ids, positions, seq_lens, rows, updates, from_previous = [], [], [], [], [], []
+        ids, positions, seq_lens, from_previous = [], [], [], []
         previous_rows = self.previous.rows_of if self.previous is not None else {}
-        for req, n in zip(requests, num_tokens):
+        num_decodes = 0
+        for req, n in zip(requests, num_tokens):  # the decodes: one token each
+            if n != 1:
+                break
             start = req.num_computed
-            if n == 1:
-                if start == len(req.tokens):  # its input is the token the last step sampled
-                    from_previous += (len(ids), previous_rows[req])
-                    ids.append(0)
-                else:
-                    ids.append(req.tokens[start])
-                positions.append(start)
+            tokens = req.tokens
+            if start == len(tokens):  # its input is the token the last step sampled
+                from_previous += (num_decodes, previous_rows[req])
+                ids.append(0)
             else:
-                ids += req.tokens[start:start + n]
-                positions += range(start, start + n)
+                ids.append(tokens[start])
+            positions.append(start)
+            seq_lens.append(start + 1)
+            num_decodes += 1
+        for req, n in zip(requests[num_decodes:], num_tokens[num_decodes:]):  # prefill chunks
+            start = req.num_computed
+            ids += req.tokens[start:start + n]
+            positions += range(start, start + n)
             seq_lens.append(start + n)
-            rid = req.request_id
-            rows.append(tables.pending_updates(rid, [a.block_table(rid) for a in allocators], updates))
+        updates = []
+        allocators = self.cache.allocators
+        rows = self.cache.device_tables.sync_rows([r.request_id for r in requests], [a.tables for a in allocators],
+                                                  updates)
         return StepPlan(ids, positions, seq_lens, list(num_tokens), rows, updates,
                         [a.sliding_window for a in allocators], self.cache.block_size,
-                        num_decodes=sum(1 for n in num_tokens if n == 1), from_previous=from_previous,
+                        num_decodes=num_decodes, from_previous=from_previous,
                         previous_tokens=self.previous.tokens if from_previous else None)
 
     def forward(self, meta: StepMetadata, logits_to_keep) -> torch.Tensor:
@@ -101,12 +108,14 @@ class ModelRunner:
         self.timing = dict.fromkeys(self.timing, 0.0)
         self.cache.apply_copies(batch.copies)
         if max(batch.num_tokens) == 1:  # decode-only: already one-row first
-            order = range(len(batch.requests))
+            order, requests, counts = range(len(batch.requests)), batch.requests, batch.num_tokens
         else:
             order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
-        requests = [batch.requests[i] for i in order]
-        counts = [batch.num_tokens[i] for i in order]
-        sampling = [i for i, (r, n) in enumerate(zip(requests, counts)) if n == r.remaining]
+            requests = [batch.requests[i] for i in order]
+            counts = [batch.num_tokens[i] for i in order]
+        # The rows that end their request's known tokens sample (Request.remaining, inlined).
+        sampling = [i for i, (r, n) in enumerate(zip(requests, counts))
+                    if n == len(r.tokens) + r.pending - r.num_computed]
         bucket = self.graphs.bucket_for(requests, counts) if self.graphs is not None else None
         logits = self.graphs.run(requests, bucket) if bucket is not None else None
         if logits is not None:  # one row per request

@@ -17,19 +17,19 @@ from typing import Optional, Sequence
 import torch
 
 from .requests import Request
-from .sampling import distinct_params, warp
+from .sampling import all_plain_greedy, distinct_params, warp
 
 
 def sample_on_device(logits: torch.Tensor, requests: Sequence[Request],
                      generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
     """Next tokens [S] int64 on the device, or None when some row needs host-side history
     or returns log-probabilities (then the caller samples on the host)."""
+    if all_plain_greedy(requests):
+        return torch.argmax(logits, dim=-1)
     params = [r.params for r in requests]
     distinct = distinct_params(params)
     if any(p.processes_logits or p.return_logprobs or p.top_logprobs for p in distinct):
         return None
-    if all(p.greedy for p in distinct):
-        return torch.argmax(logits, dim=-1)
     scores = warp(logits.float(), requests)
     tokens = torch.argmax(scores, dim=-1)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
@@ -66,6 +66,8 @@ class InFlightStep:
 
     def sampling_flags(self) -> list[bool]:
         """One entry per ``batch.requests``: whether its row samples a token this step."""
+        if len(self.sampling) == len(self.batch.requests):
+            return [True] * len(self.sampling)
         flags = [False] * len(self.batch.requests)
         for i in self.sampling:
             flags[self.order[i]] = True
@@ -77,7 +79,10 @@ class InFlightStep:
             if self._event is not None:
                 self._event.synchronize()
             self.host_tokens = self._host.tolist() if self._host is not None else []
-        result: list = [None] * len(self.batch.requests)
+        n = len(self.batch.requests)
+        if len(self.host_tokens) == n and isinstance(self.order, range):  # every row sampled, in order
+            return list(self.host_tokens)
+        result: list = [None] * n
         for i, token in zip(self.sampling, self.host_tokens):
             result[self.order[i]] = token
         return result

@@ -64,6 +64,13 @@ class SamplingParams:
     num_return_sequences: int = 1
     return_logprobs: bool = False
     top_logprobs: int = 0  # alternatives returned per token (with their log-probabilities)
+    # Derived once (the fields do not change after construction): an argmax row that no logits
+    # processor touches and that returns no log-probabilities, the common case a step checks
+    # for each of its rows.
+    plain_greedy: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.plain_greedy = self.greedy and not self.processes_logits and not (self.return_logprobs or self.top_logprobs)
 
     @classmethod
     def from_generation_config(cls, gc, prompt_len: Optional[int] = None, **extra) -> "SamplingParams":

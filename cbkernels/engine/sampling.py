@@ -89,15 +89,20 @@ def distinct_params(params: Sequence) -> list:
     return list({id(p): p for p in params}.values())
 
 
+def all_plain_greedy(requests: Sequence[Request]) -> bool:
+    """Every row takes the argmax of its logits, unprocessed, without log-probabilities."""
+    return all(r.params.plain_greedy for r in requests)
+
+
 def sample(logits: torch.Tensor, requests: Sequence[Request], generator: Optional[torch.Generator]) -> list[int]:
     """Next token of every row of ``logits [S, V]``, row i for ``requests[i]`` (whose
     ``tokens`` are its history up to this step). Rows that ask for log-probabilities get a
     ``SampledToken`` carrying them."""
+    if all_plain_greedy(requests):
+        return torch.argmax(logits, dim=-1).tolist()  # the common greedy step
     params = [r.params for r in requests]
     distinct = distinct_params(params)  # requests of one generation config share one object
     want_logprobs = any(p.return_logprobs or p.top_logprobs for p in distinct)
-    if not want_logprobs and all(p.greedy and not p.processes_logits for p in distinct):
-        return torch.argmax(logits, dim=-1).tolist()  # the common greedy step
     scores = process_logits(logits.float(), requests)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
