@@ -193,8 +193,11 @@ class PagedAttentionCache:
     def reserve(self, req, n_tokens: int) -> None:
         """Give the request slots for its next ``n_tokens`` tokens (OutOfBlocks if short)."""
         new_len = req.num_computed + n_tokens
-        rid = req.request_id
-        if all(len(a.tables.get(rid, ())) * self.block_size >= new_len for a in self.allocators):
+        rid, bs = req.request_id, self.block_size
+        for a in self.allocators:
+            if len(a.tables.get(rid, ())) * bs < new_len:
+                break
+        else:
             return  # the common decode step: its blocks already hold the new token
         need = self.blocks_needed(req, n_tokens)
         if need > self.pool.num_free():
