@@ -1,6 +1,7 @@
 """``BatchConfig``: every knob of the continuous-batching engine, in one dataclass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,8 @@ BACKENDS = ("auto", *_BACKEND_CLASSES)
 # KV-cache element formats: "auto" stores K/V in the model's dtype; the fp8 formats store one
 # byte an element with per-layer, per-KV-head fp32 scales (docs/fp8.md).
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
+# How waiting requests are admitted (docs/scheduling.md).
+ADMISSIONS = ("predictive", "greedy")
 
 
 @dataclass(slots=True)
@@ -47,6 +50,14 @@ class BatchConfig:
       come from the checkpoint (``k_scale`` / ``v_scale`` on the attention modules) or are
       computed from each layer's first prefill (docs/fp8.md). CUDA needs sm_90 or newer.
     * ``seed``: seeds the sampling generator (``do_sample=True``), for reproducible runs.
+    * ``admission``: ``"greedy"`` admits a waiting request as soon as its prompt fits (and
+      preempts when decodes later run short of blocks); ``"predictive"`` admits it only while
+      the predicted peak block demand of everything running plus it fits the cache, from
+      output lengths learned online (docs/scheduling.md). Preemption stays the fallback.
+    * ``target_itl_ms``: ``None`` (default): every step's token budget is
+      ``max_batch_tokens``. A number: each step's budget comes from a step-time model fitted
+      online, to keep inter-token latency under this many milliseconds (at most
+      ``max_batch_tokens``; never fewer than the running requests).
     """
 
     num_blocks: Optional[int] = None
@@ -64,6 +75,8 @@ class BatchConfig:
     use_cuda_graph: Optional[bool] = None
     async_scheduling: Optional[bool] = None
     kv_cache_dtype: str = "auto"
+    admission: str = "greedy"
+    target_itl_ms: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batch_tokens"):
@@ -85,6 +98,16 @@ class BatchConfig:
             raise TypeError(f"kv_cache_dtype must be a str, got {type(self.kv_cache_dtype).__name__}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if not isinstance(self.admission, str):
+            raise TypeError(f"admission must be a str, got {type(self.admission).__name__}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        if self.target_itl_ms is not None:
+            if isinstance(self.target_itl_ms, bool) or not isinstance(self.target_itl_ms, (int, float)):
+                raise TypeError(f"target_itl_ms must be a number or None, got {type(self.target_itl_ms).__name__}")
+            if not math.isfinite(self.target_itl_ms) or self.target_itl_ms <= 0:
+                raise ValueError(f"target_itl_ms must be a positive number of milliseconds or None, "
+                                 f"got {self.target_itl_ms}")
         if not isinstance(self.prefix_caching, bool):
             raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

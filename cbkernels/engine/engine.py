@@ -58,7 +58,8 @@ class Engine:
         if self.config.seed is not None:
             self.generator = torch.Generator(device=self.cache.kv.device).manual_seed(self.config.seed)
         self.scheduler = make_scheduler(self.config.scheduler, self.cache, self.config.max_batch_tokens,
-                                        self.config.max_num_seqs)
+                                        self.config.max_num_seqs, admission=self.config.admission,
+                                        target_itl_ms=self.config.target_itl_ms)
         self.runner = ModelRunner(model, self.cache, self.attention, self.generator,
                                   use_cuda_graph=self.config.use_cuda_graph, max_num_seqs=self.config.max_num_seqs)
         self.requests: dict[str, Request] = {}
@@ -131,12 +132,16 @@ class Engine:
             raise KeyError(f"unknown request_id {request_id!r}") from None
 
     def add_request(self, prompt_ids: Sequence[int], generation_config=None, request_id: Optional[str] = None, *,
-                    return_logprobs: Optional[bool] = None, top_logprobs: int = 0, tokenizer=None) -> str:
+                    return_logprobs: Optional[bool] = None, top_logprobs: int = 0, tokenizer=None,
+                    priority: int = 0) -> str:
         """Queue one prompt; returns its id (with num_return_sequences = n, the first of
         ``sequence_ids(id)``). Raises TypeError/ValueError for misuse (see the module
         docstring), ``queue.Full`` past ``max_queue_size`` waiting requests; a prompt that
         cannot run is recorded as FAILED with a reason. ``return_logprobs`` (None: the
-        engine's setting) / ``top_logprobs`` add log-probabilities to the output."""
+        engine's setting) / ``top_logprobs`` add log-probabilities to the output.
+        ``priority``: an int, higher first (FIFO within a priority, with aging; docs/scheduling.md)."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
         tokens = check_prompt(prompt_ids)
         spec = self._spec(generation_config, tokenizer, return_logprobs, top_logprobs)
         if request_id is not None and not isinstance(request_id, str):
@@ -145,18 +150,18 @@ class Engine:
             limit = self.options.max_queue_size
             if limit and len(self.scheduler.waiting) >= limit:
                 raise queue.Full(f"{len(self.scheduler.waiting)} requests are waiting: max_queue_size is {limit}")
-            return self._add(tokens, spec, request_id)
+            return self._add(tokens, spec, request_id, priority)
 
-    def _add(self, tokens: list[int], spec: GenerationSpec, request_id: Optional[str] = None) -> str:
+    def _add(self, tokens: list[int], spec: GenerationSpec, request_id: Optional[str] = None, priority: int = 0) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         params = spec.params(len(tokens))
         ids = [rid] + [f"{rid}__child#{i}" for i in range(params.num_return_sequences - 1)]
         used = [i for i in ids if i in self.requests]
         if used:
             raise ValueError(f"request_id {used[0]!r} is already in use")
-        req = Request(rid, len(tokens), tokens, params, arrival_step=self.num_steps)
+        req = Request(rid, len(tokens), tokens, params, arrival_step=self.num_steps, priority=priority)
         family = [req] + [Request(i, len(tokens), list(tokens), params, arrival_step=self.num_steps,
-                                  arrival_time=req.arrival_time) for i in ids[1:]]
+                                  arrival_time=req.arrival_time, priority=priority) for i in ids[1:]]
         for r in family:
             self.requests[r.request_id] = r
         problem = prompt_problem(tokens, params.max_new_tokens, vocab_size=self._vocab_size,
@@ -272,6 +277,7 @@ class Engine:
                                  "postprocess": time.perf_counter() - ran}
         self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
                                 self.cache.num_used_blocks(), self.runner.timing["forward"])
+        self.scheduler.observe_step(batch, time.perf_counter() - start)  # the step-time model (target_itl_ms)
         if not self._has_work():
             self._switch.restore()
         return made
@@ -349,6 +355,7 @@ class Engine:
             snapshot = self._stats.snapshot(active=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                                             cache=self.cache)
             snapshot.update(self.runner.graph_stats())
+            snapshot.update(self.scheduler.metrics())
             size = self.cache.size
             snapshot.update(cache_tokens=size.tokens, cache_gib=size.bytes / float(1 << 30), cache_sizing=size.how,
                             max_num_seqs=self.config.max_num_seqs)

@@ -2,7 +2,9 @@
 
 Recorded: active and waiting requests, TTFT, inter-token latency (ITL), end-to-end
 latency, generated tokens/s, cache occupancy, prefix-cache hit rate, and the padding a
-padded ``[B, max_len]`` batch would have computed that the packed batches did not.
+padded ``[B, max_len]`` batch would have computed that the packed batches did not; from
+the scheduler (``scheduling_snapshot``): preemptions' recomputed tokens, admissions held
+back by prediction, the length model's error, the step budget.
 """
 from __future__ import annotations
 
@@ -103,6 +105,26 @@ class EngineMetrics:
             "host_ms_per_step_p50": None if not self.host_s else 1e3 * percentile(self.host_s, 0.5),
             "timestamp": time.time(),
         }
+
+
+def scheduling_snapshot(sched) -> dict:
+    """What the scheduler did (docs/scheduling.md): recomputation after preemption, admissions
+    held back by prediction, how well output lengths were predicted, the step budget."""
+    lm, p = sched.length_model, sched.predictive
+    return {
+        "admission": "greedy" if p is None else "predictive",
+        # computed tokens preemptions dropped that had to be computed again (prefix-cache hits excluded)
+        "recomputed_tokens": sched.recomputed_tokens,
+        "admissions_deferred_by_prediction": 0 if p is None else p.deferred,  # requests held back at least once
+        "length_prediction_error": lm.mean_rel_error,  # mean |predicted - actual| / actual output length
+        "length_prediction_error_tokens": lm.mean_abs_error_tokens,
+        "length_predictions_scored": lm.scored,
+        "length_prediction_misses": 0 if p is None else p.misses,  # running past the predicted end
+        "admission_margin": None if p is None else p.margin,  # share of the cache held back
+        "step_budget_tokens": sched.last_budget,  # the last step's token budget
+        "step_budget_mean_tokens": sched.mean_budget(),
+        "target_itl_ms": None if sched.step_budget is None else sched.step_budget.target_ms,
+    }
 
 
 class PrometheusExporter:

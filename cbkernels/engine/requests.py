@@ -171,6 +171,16 @@ class Request:
     # num_return_sequences > 1: the siblings that wait to adopt this request's prompt blocks
     # once it has computed all but the prompt's last token (the scheduler forks them then).
     pending_children: list["Request"] = field(default_factory=list)
+    # Scheduling (docs/scheduling.md): higher priority first; the scheduler step it was queued
+    # at (aging); the output length predicted when first admitted (scored when it finishes);
+    # computed tokens a preemption dropped, not yet computed again; whether predictive
+    # admission ever held it back; its slot in the admission arrays while running.
+    priority: int = 0
+    queued_step: int = 0
+    predicted_output: Optional[int] = None
+    dropped_tokens: int = 0
+    deferred: bool = False
+    admission_slot: int = -1
 
     @property
     def generated(self) -> list[int]:

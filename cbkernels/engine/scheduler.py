@@ -7,17 +7,34 @@ recomputed later), or fail at once a request that could never fit the cache. The
 in priority: ``FIFOScheduler`` serves running requests (decodes first, so time between
 tokens stays low) before admitting new ones; ``PrefillFirstScheduler`` finishes pending
 prefills and admits new requests before decoding (lower time to first token).
+
+Options common to both (docs/scheduling.md): the waiting queue orders requests by priority
+with aging (``waiting.WaitQueue``); ``admission="predictive"`` holds a request back while
+the predicted peak demand of the running ones plus it would not fit the cache
+(``admission.PredictiveAdmission``, predictions from ``length_model.LengthModel``, which
+learns from every finished request whatever the admission); ``target_itl_ms`` sizes each
+step's token budget from a fitted step-time model (``step_budget.StepBudget``). Preemption
+picks the lowest priority, newest first.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
-from .inputs import check_count
+from .admission import QUANTILE, PredictiveAdmission
 from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
+from .config import ADMISSIONS
+from .inputs import check_count
+from .length_model import LengthModel
+from .metrics import scheduling_snapshot
 from .requests import Request, RequestStatus as S
 from .scheduler_names import SCHEDULER_NAMES
+from .step_budget import StepBudget
+from .waiting import AGING_STEPS, WaitQueue
+
+# A request that ended on its own (not cancelled or failed) teaches the length model.
+_NATURAL_ENDS = ("eos", "stop", "length")
 
 
 @dataclass(slots=True)
@@ -38,18 +55,36 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int = 64):
+    def __init__(self, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int = 64, *,
+                 admission: str = "greedy", target_itl_ms: Optional[float] = None, aging_steps: int = AGING_STEPS,
+                 length_model: Optional[LengthModel] = None):
         if not isinstance(cache, PagedAttentionCache):
             raise TypeError(f"cache must be a PagedAttentionCache, got {type(cache).__name__}")
         check_count("max_batch_tokens", max_batch_tokens, 1)
         check_count("max_num_seqs", max_num_seqs, 1)
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
+        if length_model is not None and not isinstance(length_model, LengthModel):
+            raise TypeError(f"length_model must be a LengthModel or None, got {type(length_model).__name__}")
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitQueue(aging_steps)
         # In admission order, the last one the newest. A dict (values unused) for O(1)
         # membership and removal: requests hash and compare by identity.
         self.running: dict[Request, None] = {}
+        self.steps = 0  # schedule() calls: the clock of aging and of predicted ends
+        self.length_model = length_model if length_model is not None else LengthModel()
+        self.predictive = None
+        if admission == "predictive":
+            self.predictive = PredictiveAdmission(cache.num_blocks, cache.block_size, max_batch_tokens,
+                                                  self.length_model, groups=len(cache.allocators),
+                                                  capacity=max_num_seqs)
+        self.step_budget = StepBudget(float(target_itl_ms), max_batch_tokens) if target_itl_ms is not None else None
+        self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
+        self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
+        self._step_start_budget = self.last_budget = max_batch_tokens
+        self._budget_total = 0
 
     # -------------------------------------------------------------- queue verbs
     def add(self, req: Request) -> None:
@@ -57,6 +92,11 @@ class Scheduler:
             raise TypeError(f"req must be a Request, got {type(req).__name__}")
         if req.status is not S.PENDING:
             raise ValueError(f"req must be PENDING to be queued, got {req.status.name}")
+        if isinstance(req.priority, bool) or not isinstance(req.priority, int):
+            raise TypeError(f"req.priority must be an int, got {type(req.priority).__name__}")
+        for r in (req, *req.pending_children):
+            r.queued_step = self.steps
+        self._priorities.add(req.priority)
         self.waiting.append(req)
 
     def has_work(self) -> bool:
@@ -67,9 +107,14 @@ class Scheduler:
         waiting to fork from it queue up on their own (at the head: they arrived with it)."""
         if req in self.running:
             del self.running[req]
+            if self.predictive is not None:
+                self.predictive.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.cache.release(req)
+        if req.status is S.FINISHED and req.finish_reason in _NATURAL_ENDS and len(req.tokens) > req.prompt_len:
+            self.length_model.record(req.prompt_len, req.params.max_new_tokens, len(req.tokens) - req.prompt_len,
+                                     req.predicted_output)
         children, req.pending_children = req.pending_children, []
         self.waiting.extendleft(reversed([c for c in children if not c.is_done]))
 
@@ -86,8 +131,12 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         del self.running[req]
+        if self.predictive is not None:
+            self.predictive.remove(req)
+            self.predictive.on_preemption()
         self.cache.release(req)
         req.transition(S.PENDING)
+        req.dropped_tokens = req.num_computed
         req.num_computed = 0
         req.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -95,7 +144,12 @@ class Scheduler:
     # -------------------------------------------------------------- one step
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        self._budget = self.max_batch_tokens
+        self.steps += 1
+        budget = self.max_batch_tokens if self.step_budget is None else self.step_budget.budget(len(self.running))
+        self._budget = self._step_start_budget = self.last_budget = budget
+        self._budget_total += budget
+        if self.predictive is not None:
+            self.predictive.tick()
         for phase in self.phases():
             phase(batch)
         if not batch.requests:
@@ -182,8 +236,8 @@ class Scheduler:
                 self.cache.reserve(req, n)
                 break
             except OutOfBlocks:
-                victim = next((r for r in reversed(self.running) if r not in batch.members), None)
-                if victim is None or victim is req:
+                victim = self._victim(batch)
+                if victim is None or victim is req or victim.priority > req.priority:
                     if req in self.running:  # nobody newer to evict: step back itself
                         self.preempt(req)
                         batch.preempted.append(req)
@@ -198,6 +252,16 @@ class Scheduler:
         if fork:
             self._fork(batch, req)
         return True
+
+    def _victim(self, batch: ScheduledBatch) -> Optional[Request]:
+        """The running request to preempt: not scheduled in this step, lowest priority, newest."""
+        if len(self._priorities) <= 1:
+            return next((r for r in reversed(self.running) if r not in batch.members), None)
+        victim = None
+        for r in reversed(self.running):
+            if r not in batch.members and (victim is None or r.priority < victim.priority):
+                victim = r
+        return victim
 
     def _fork(self, batch: ScheduledBatch, parent: Request) -> None:
         """The siblings adopt the parent's computed prompt (all but its last token) and run
@@ -216,6 +280,9 @@ class Scheduler:
             child.transition(S.PREFILLING_SPLIT)  # its prompt, but the last token, is computed
             child.transition(S.SPLIT_PENDING_REMAINDER)
             self.running[child] = None
+            child.predicted_output = parent.predicted_output
+            if self.predictive is not None:
+                self.predictive.add(child, self.steps)
             if self._budget > 0:
                 self._take(batch, child)
         self.waiting.extendleft(reversed(on_their_own))
@@ -246,7 +313,7 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch) -> None:
         while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.head()
             if req in batch.preempted:  # it just gave its blocks up: no churn within a step
                 return
             if not self.cache.can_ever_fit(req.prompt_len + req.params.max_new_tokens):
@@ -257,6 +324,8 @@ class Scheduler:
                 batch.failed.append(req)
                 self._fail_siblings(batch, req)
                 continue
+            if self.predictive is not None and self.running and not self.predictive.admits(req, self.steps):
+                return  # the predicted peak would not fit: wait for running requests to finish
             copies = self.cache.match_prefix(req)
             n = min(req.remaining, self._budget)
             if self.cache.blocks_needed(req, n) > self.cache.get_num_free_blocks():
@@ -264,6 +333,13 @@ class Scheduler:
                 return
             self.waiting.popleft()
             self.running[req] = None
+            if req.predicted_output is None:
+                req.predicted_output = self.length_model.predict(req.prompt_len, req.params.max_new_tokens, 0, QUANTILE)
+            if req.dropped_tokens:
+                self.recomputed_tokens += max(0, req.dropped_tokens - req.num_computed)
+                req.dropped_tokens = 0
+            if self.predictive is not None:
+                self.predictive.add(req, self.steps)
             batch.copies.extend(copies)
             self._take(batch, req)
 
@@ -272,6 +348,20 @@ class Scheduler:
         req.prefix_hit_tokens -= req.num_computed
         self.cache.release(req)
         req.num_computed = 0
+
+
+    # -------------------------------------------------------------- feedback and metrics
+    def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        """After a step: its wall time feeds the step-time model (``target_itl_ms``)."""
+        if self.step_budget is not None and batch.requests:
+            self.step_budget.observe(self._step_start_budget - self._budget, len(batch.requests), seconds)
+
+    def mean_budget(self) -> float:
+        return self._budget_total / self.steps if self.steps else float(self.max_batch_tokens)
+
+    def metrics(self) -> dict:
+        """Scheduling counters for ``engine.metrics()`` (``metrics.scheduling_snapshot``)."""
+        return scheduling_snapshot(self)
 
 
 class FIFOScheduler(Scheduler):
@@ -288,7 +378,9 @@ class PrefillFirstScheduler(Scheduler):
 SCHEDULERS: dict[str, type[Scheduler]] = dict(zip(SCHEDULER_NAMES, (FIFOScheduler, PrefillFirstScheduler), strict=True))
 
 
-def make_scheduler(name: str, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int) -> Scheduler:
+def make_scheduler(name: str, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int,
+                   **options) -> Scheduler:
+    """``options``: admission, target_itl_ms, aging_steps, length_model (see ``Scheduler``)."""
     if not isinstance(name, str) or name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {name!r}")
-    return SCHEDULERS[name](cache, max_batch_tokens, max_num_seqs)
+    return SCHEDULERS[name](cache, max_batch_tokens, max_num_seqs, **options)

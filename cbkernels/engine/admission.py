@@ -1,0 +1,137 @@
+"""Predictive admission: admit a waiting request only while the predicted peak block demand
+of everything running, plus it, fits the cache.
+
+Every running request holds a slot in a few arrays: its predicted final length ``P`` (prompt
++ predicted output, from the length model at quantile ``quantile``) and the scheduler step
+``E`` at which it is predicted to finish. A decoding request grows one token a step, so its
+length at a later step ``T < E`` is ``P - (E - T)``. The demand peaks just before some
+request finishes; at ``T = E_k - 1`` the requests alive are those with ``E >= E_k``, so one
+sort by ``E`` and a cumulative sum give the demand at every such moment (vectorised: no
+Python loop over the running requests). Each request counts one more block than its tokens
+fill (the partly written last block).
+
+A request still running past its predicted end is a miss: its length is predicted again
+(conditioned on what it has generated so far). A preemption means the demand was
+underestimated: the margin (the share of the cache admission keeps back) grows by
+``MARGIN_STEP``; it shrinks by ``MARGIN_DECAY`` every step without one. Preemption stays
+the fallback when predictions are wrong.
+
+The check runs when a request is at the head of the queue; a deferred head is checked
+again only after a running request left (finished or preempted) or ``RECHECK_STEPS``
+steps later, so a long queue costs nothing per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .length_model import LengthModel
+
+MARGIN_STEP = 0.05
+MARGIN_DECAY = 0.995
+MAX_MARGIN = 0.5
+RECHECK_STEPS = 8
+QUANTILE = 0.7
+
+
+class PredictiveAdmission:
+    def __init__(self, num_blocks: int, block_size: int, max_batch_tokens: int, length_model: LengthModel,
+                 quantile: float = QUANTILE, groups: int = 1, capacity: int = 64):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.model = length_model
+        self.quantile = quantile
+        self.groups = groups  # layer groups (allocators): each holds its own blocks
+        self.final = np.zeros(capacity)  # predicted final length, tokens
+        self.end = np.zeros(capacity)  # predicted step of the last token
+        self.alive = np.zeros(capacity, dtype=bool)
+        self.owner: list = [None] * capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self.margin = 0.0
+        self.misses = 0  # requests that ran past their predicted end
+        self.deferred = 0  # requests whose admission waited for predicted demand to fit
+        self._removals = 0
+        self._deferred_head = None  # (request, removals, step) of the last deferral
+
+    # ------------------------------------------------------------------ slots
+    def _slot(self) -> int:
+        if not self._free:  # more running than expected (forked siblings): grow
+            n = len(self.alive)
+            self.final = np.concatenate([self.final, np.zeros(n)])
+            self.end = np.concatenate([self.end, np.zeros(n)])
+            self.alive = np.concatenate([self.alive, np.zeros(n, dtype=bool)])
+            self.owner += [None] * n
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        return self._free.pop()
+
+    def _predict(self, req, step: int) -> tuple[float, float]:
+        generated = len(req.tokens) - req.prompt_len
+        out = self.model.predict(req.prompt_len, req.params.max_new_tokens, generated, self.quantile)
+        final = req.prompt_len + out
+        # The prompt (and anything generated before a preemption) prefills in chunks of at most
+        # max_batch_tokens, then one token a step.
+        todo = len(req.tokens) - req.num_computed
+        prefill_steps = max(1, -(-todo // self.max_batch_tokens))
+        return final, step + prefill_steps - 1 + (final - len(req.tokens))
+
+    def add(self, req, step: int) -> None:
+        """``req`` starts running (admitted or forked)."""
+        s = self._slot()
+        req.admission_slot = s
+        self.final[s], self.end[s] = self._predict(req, step)
+        self.alive[s] = True
+        self.owner[s] = req
+
+    def remove(self, req) -> None:
+        """``req`` stopped running (finished, failed, cancelled or preempted)."""
+        s = req.admission_slot
+        if s < 0:
+            return
+        req.admission_slot = -1
+        self.alive[s] = False
+        self.owner[s] = None
+        self._free.append(s)
+        self._removals += 1
+
+    def on_preemption(self) -> None:
+        self.margin = min(MAX_MARGIN, self.margin + MARGIN_STEP)
+
+    def tick(self) -> None:
+        self.margin *= MARGIN_DECAY
+
+    # ------------------------------------------------------------------ the check
+    def _repredict_misses(self, step: int) -> None:
+        for s in np.flatnonzero(self.alive & (self.end <= step)).tolist():
+            self.misses += 1
+            self.final[s], self.end[s] = self._predict(self.owner[s], step)
+            self.end[s] = max(self.end[s], step + 1)
+
+    def peak_blocks(self, extra: tuple[float, float] | None = None) -> float:
+        """Predicted peak blocks of the running requests (plus ``extra``: (final, end))."""
+        final, end = self.final[self.alive], self.end[self.alive]
+        if extra is not None:
+            final, end = np.append(final, extra[0]), np.append(end, extra[1])
+        if not len(final):
+            return 0.0
+        order = np.argsort(-end, kind="stable")
+        final, end = final[order], end[order]
+        n = np.arange(1, len(final) + 1)
+        # At T = E_k - 1 the alive requests (E >= E_k) hold sum(P - E) + n*T tokens.
+        tokens = np.cumsum(final - end) + n * (end - 1)
+        return float(np.max(tokens / self.block_size + n)) * self.groups
+
+    def admits(self, req, step: int) -> bool:
+        """Whether ``req`` (the head of the queue) may start now."""
+        head = self._deferred_head
+        if head is not None and head[0] is req and head[1] == self._removals and step - head[2] < RECHECK_STEPS:
+            return False
+        self._repredict_misses(step)
+        peak = self.peak_blocks(self._predict(req, step))
+        if peak <= (1.0 - self.margin) * self.num_blocks:
+            self._deferred_head = None
+            return True
+        if not req.deferred:
+            req.deferred = True
+            self.deferred += 1
+        self._deferred_head = (req, self._removals, step)
+        return False

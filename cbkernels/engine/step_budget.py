@@ -1,0 +1,84 @@
+"""The adaptive step budget (``BatchConfig(target_itl_ms=...)``).
+
+A running request gets one token a step, so its inter-token latency is the time of a step.
+``StepTimeModel`` fits ``ms = a + b * tokens + c * sequences`` online by least squares over
+the recent steps (exponential forgetting, factor ``FORGET`` a step); ``StepBudget`` picks
+each step's token budget as the most tokens the model predicts to fit in the target, less
+the recent ``HEADROOM_Q`` quantile of how much steps overran their prediction. Decodes
+always fit (the budget never drops below the running requests), so what shrinks is the
+prefill packed beside them. Until ``WARMUP_STEPS`` steps were seen the budget ramps up
+from a small value, which also gives the fit a spread of step sizes.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+FORGET = 0.99
+WARMUP_STEPS = 16
+REFIT_EVERY = 4
+HEADROOM_Q = 0.95
+RESIDUALS = 256
+
+
+class StepTimeModel:
+    """``ms ~ a + b * tokens + c * seqs``, least squares with exponential forgetting."""
+
+    def __init__(self, forget: float = FORGET):
+        self.forget = forget
+        self.xtx = np.zeros((3, 3))
+        self.xty = np.zeros(3)
+        self.coef = None  # (a, b, c) once fitted
+        self.steps = 0
+        self.residuals: deque = deque(maxlen=RESIDUALS)  # observed - predicted, ms
+        self._headroom = 0.0
+
+    def predict(self, tokens: float, seqs: float) -> float | None:
+        if self.coef is None:
+            return None
+        a, b, c = self.coef
+        return a + b * tokens + c * seqs
+
+    def observe(self, tokens: int, seqs: int, ms: float) -> None:
+        guess = self.predict(tokens, seqs)
+        if guess is not None:
+            self.residuals.append(ms - guess)
+        x = np.array([1.0, tokens, seqs])
+        self.xtx = self.forget * self.xtx + np.outer(x, x)
+        self.xty = self.forget * self.xty + x * ms
+        self.steps += 1
+        if self.steps % REFIT_EVERY == 0 or self.coef is None:
+            ridge = 1e-6 * np.eye(3) * max(1.0, float(np.trace(self.xtx)))
+            coef = np.linalg.solve(self.xtx + ridge, self.xty)
+            self.coef = (float(coef[0]), max(0.0, float(coef[1])), max(0.0, float(coef[2])))
+            if self.residuals:
+                self._headroom = max(0.0, float(np.quantile(np.fromiter(self.residuals, float), HEADROOM_Q)))
+
+    @property
+    def headroom_ms(self) -> float:
+        return self._headroom
+
+
+class StepBudget:
+    """Tokens per step that keep a step within ``target_ms`` (see the module docstring)."""
+
+    def __init__(self, target_ms: float, max_batch_tokens: int):
+        self.target_ms = target_ms
+        self.max_batch_tokens = max_batch_tokens
+        self.model = StepTimeModel()
+
+    def budget(self, running: int) -> int:
+        floor = min(self.max_batch_tokens, max(1, running))
+        m = self.model
+        if m.steps < WARMUP_STEPS or m.coef is None:
+            ramp = max(16, self.max_batch_tokens * (m.steps + 1) // (4 * WARMUP_STEPS))
+            return max(floor, min(self.max_batch_tokens, ramp))
+        a, b, c = m.coef
+        room = self.target_ms - m.headroom_ms - a - c * (running + 1)
+        if b <= 0.0:
+            return self.max_batch_tokens if room > 0 else floor
+        return max(floor, min(self.max_batch_tokens, int(room / b)))
+
+    def observe(self, tokens: int, seqs: int, seconds: float) -> None:
+        self.model.observe(tokens, seqs, 1e3 * seconds)
