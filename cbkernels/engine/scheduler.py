@@ -296,20 +296,35 @@ class Scheduler:
         elif req.status is S.PENDING:
             req.transition(S.PREFILLING if n == req.remaining else S.PREFILLING_SPLIT)
 
-    def _run_running(self, batch: ScheduledBatch, decoding: bool) -> None:
+    def _decodes(self, batch: ScheduledBatch) -> None:
+        """Every running decode's next token; ``_take``'s common case (its blocks hold the slot)
+        inlined, as this runs for every request every step. The rest goes through ``_take``."""
+        members, requests, counts, reserve = batch.members, batch.requests, batch.num_tokens, self.cache.reserve
         for req in list(self.running):
             if self._budget <= 0:
                 return
-            if ((req.status is S.DECODING) != decoding or req in batch.members or req not in self.running
-                    or req.saturated):
+            if req.status is not S.DECODING or req in members or req not in self.running or req.saturated:
+                continue
+            if req.pending_children or len(req.tokens) + req.pending - req.num_computed != 1:
+                self._take(batch, req)
+                continue
+            try:
+                reserve(req, 1)
+            except OutOfBlocks:  # _take preempts for it (or steps it back)
+                self._take(batch, req)
+                continue
+            requests.append(req)
+            members.add(req)
+            counts.append(1)
+            self._budget -= 1
+
+    def _continuing_prefills(self, batch: ScheduledBatch) -> None:
+        for req in list(self.running):
+            if self._budget <= 0:
+                return
+            if req.status is S.DECODING or req in batch.members or req not in self.running or req.saturated:
                 continue
             self._take(batch, req)
-
-    def _decodes(self, batch):
-        self._run_running(batch, decoding=True)
-
-    def _continuing_prefills(self, batch):
-        self._run_running(batch, decoding=False)
 
     def _admit(self, batch: ScheduledBatch) -> None:
         while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
@@ -348,7 +363,6 @@ class Scheduler:
         req.prefix_hit_tokens -= req.num_computed
         self.cache.release(req)
         req.num_computed = 0
-
 
     # -------------------------------------------------------------- feedback and metrics
     def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
