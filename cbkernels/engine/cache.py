@@ -11,6 +11,7 @@ from .inputs import check_count, check_request_id
 from .block_tables import DeviceBlockTables, table_width
 from .cache_sizing import CacheSize, profile_activation_peak, resolve_config, size_cache
 from .model_config import DEFAULT_MAX_CONTEXT, max_context, text_config
+from .tp_layout import TPLayout, agree_min, describe
 
 def layer_windows_of(config) -> list[Optional[int]]:
     """Sliding window of every decoder layer (None: full attention), from ``layer_types``
@@ -89,6 +90,10 @@ class PagedAttentionCache:
         self.prefix_hit_tokens = 0
         per_block = num_layers * 2 * block_size * num_kv_heads * head_dim * self.kv.element_size() if num_layers else 0
         self.size = CacheSize(num_blocks, per_block, block_size, "num_blocks given")
+        # Set by for_model: the tensor-parallel layout (this rank's share of the heads) and the
+        # query heads attention computes on this rank.
+        self.tp: Optional[TPLayout] = None
+        self.num_q_heads: Optional[int] = None
 
     @classmethod
     def for_model(cls, model, config, *, mem_info=None, profile_peak_bytes=None) -> "PagedAttentionCache":
@@ -97,7 +102,9 @@ class PagedAttentionCache:
         CUDA measurements (tests)."""
         mc = text_config(model)
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        # Under tensor parallelism each rank caches its own share of the KV heads (tp_layout).
+        tp = describe(model)
+        kv_heads = tp.kv_heads
         param = next(model.parameters())
         device = torch.device(config.device) if config.device is not None else param.device
         config = resolve_config(config, device)
@@ -110,12 +117,18 @@ class PagedAttentionCache:
         size = size_cache(config, block_bytes=block_bytes, device=device, mem_info=mem_info,
                           profile_peak_bytes=profile_peak_bytes,
                           max_useful_blocks=config.max_num_seqs * -(-max_context(mc) // config.block_size))
+        if tp.is_parallel and config.num_blocks is None:  # every rank the same blocks: same schedules
+            agreed = agree_min(tp, size.num_blocks)
+            if agreed != size.num_blocks:
+                size = CacheSize(agreed, size.block_bytes, size.block_size,
+                                 f"{size.how}; the smallest of {tp.size} tensor-parallel ranks")
         cache = cls(size.num_blocks, config.block_size, config.max_batch_tokens, num_layers=mc.num_hidden_layers,
                     num_kv_heads=kv_heads, head_dim=head_dim, dtype=cache_dtype, device=device,
                     layer_windows=layer_windows_of(mc), prefix_caching=config.prefix_caching,
                     max_context=max_context(mc))
         cache.size = size
         cache.compute_dtype = param.dtype
+        cache.tp, cache.num_q_heads = tp, tp.q_heads
         return cache
 
     # ------------------------------------------------------------------ pool

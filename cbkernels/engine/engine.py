@@ -25,6 +25,7 @@ from ..attention.registry import make_backend
 from .cache import PagedAttentionCache
 from .cache_sizing import check_max_num_seqs, resolve_config
 from .config import BatchConfig
+from .distributed import attach
 from .hf_config import choose_config, engine_config
 from .hf_generation import GenerationSpec
 from .inputs import check_count, check_inputs, check_prompt, prompt_problem
@@ -52,7 +53,7 @@ class Engine:
         self.config.max_num_seqs = check_max_num_seqs(requested.max_num_seqs, self.config.max_num_seqs,
                                                       self.cache.num_blocks)
         mc = text_config(model)
-        self.attention = make_backend(self.config.backend, self.cache, mc.num_attention_heads)
+        self.attention = make_backend(self.config.backend, self.cache, self.cache.num_q_heads)
         self.backend = self.attention.name
         self.generator = None
         if self.config.seed is not None:
@@ -75,6 +76,7 @@ class Engine:
         self._loop = ServingLoop(self.step, self._has_work, self._changed)
         # Seconds of the last step by phase (schedule, prepare, forward, sample, postprocess).
         self.last_step_timing: dict[str, float] = {}
+        self._tp = attach(self)  # tensor parallel: every rank runs rank 0's requests (engine/distributed.py)
 
     # ---------------------------------------------------------------- serving loop
     def start(self) -> "Engine":
@@ -159,6 +161,7 @@ class Engine:
         used = [i for i in ids if i in self.requests]
         if used:
             raise ValueError(f"request_id {used[0]!r} is already in use")
+        self._tp.on_add(rid, tokens, params, priority)
         req = Request(rid, len(tokens), tokens, params, arrival_step=self.num_steps, priority=priority)
         family = [req] + [Request(i, len(tokens), list(tokens), params, arrival_step=self.num_steps,
                                   arrival_time=req.arrival_time, priority=priority) for i in ids[1:]]
@@ -185,6 +188,7 @@ class Engine:
         with self._lock:
             req = self._request(request_id)
             if not req.is_done:
+                self._tp.on_cancel(request_id)
                 self.scheduler.cancel(req, time.perf_counter())
                 self._changed.notify_all()
 
@@ -239,6 +243,7 @@ class Engine:
         """1. schedule; 2. run (launch; with asynchronous scheduling the previous step's tokens
         are read back while this one runs, see ``cbkernels.engine.overlap``); 3. postprocess."""
         start = time.perf_counter()
+        self._tp.begin_step()  # rank 0 sends this step's new requests and cancellations
         self._switch.activate()
         batch = self.scheduler.schedule()
         scheduled = time.perf_counter()
@@ -262,6 +267,7 @@ class Engine:
                 self.runner.sample_on_host(launched)
             except BaseException as exc:  # noqa: BLE001
                 error = exc
+        error = self._tp.agree(error)  # a fault on any rank fails this step on every rank
         if error is not None:
             self._fail_requests(batch.requests, f"step failed: {type(error).__name__}: {error}")
             if not isinstance(error, Exception):
@@ -313,8 +319,11 @@ class Engine:
         other."""
         prompts = check_inputs(inputs)
         spec = self._spec(generation_config, tokenizer, return_logprobs, top_logprobs)
+        if not self._tp.is_driver:
+            return self._tp.follow_generate(prompts, spec)  # rank 0's outputs of the same call
         with self._lock:
             ids = [i for p in prompts for i in self._family_ids(self._add(p, spec))]
+            self._tp.announce(ids)
         reqs = [self.requests[rid] for rid in ids]
         try:
             with self._attention():

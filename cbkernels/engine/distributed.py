@@ -1,0 +1,349 @@
+"""Tensor parallelism: every rank of the group runs the same engine steps on the same requests.
+
+A model loaded under ``torchrun`` with ``DistributedConfig(tp_size=N)`` holds 1/N of the
+attention heads and MLP columns on each rank; its forward all-reduces over the model's
+process group. ``Engine(model, config)`` then gives each rank a cache of its own KV heads
+(``cache.for_model`` via ``tp_layout``; every rank the smallest auto-sized ``num_blocks``)
+and a ``ControlPlane``, which keeps the ranks' schedulers identical:
+
+* **Ingress is rank 0's.** ``add_request`` / ``cancel`` / ``stop`` happen there (a follower
+  refuses them); each change is journalled, and at the start of every step rank 0 broadcasts
+  the journal over a gloo group of its own (``CBKERNELS_TP_TIMEOUT_S``, default 300 s).
+  The other ranks apply it in the same order, then run the same step: the scheduler is
+  deterministic, so the schedules, block counts and preemptions agree.
+  A message is a two-integer header (command, payload bytes) and, when something changed,
+  the pickled journal: a decode step with no new request costs one 16-byte broadcast.
+* **SPMD ``generate``**: every rank may call ``generate(prompts)``. Rank 0 runs it; a
+  follower takes rank 0's requests of that call (announced in the journal), follows the
+  steps until they are done and returns the same outputs.
+* **Sampling is agreed**: the logits are gathered (the lm_head is column-parallel with
+  gathered output), and every rank samples with one generator seeded from rank 0
+  (``BatchConfig.seed``, else a random seed rank 0 draws).
+* **Faults are agreed**: after each step the ranks all-reduce whether any of them failed;
+  if one did, every rank fails the step's requests with the same text naming the rank and
+  the error, frees their blocks, and goes on serving. An exception inside attention is held
+  until the forward ends, so the model's collectives stay matched; a fault that stops a
+  rank inside the model's own collectives is beyond recovery and ends at the model process
+  group's timeout.
+
+Followers serve through ``tp_loops.FollowerLoop`` (``engine.start()`` or ``engine.stop()``
+follows until rank 0 stops). See docs/distributed.md.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import time
+import warnings
+from collections import deque
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+
+from .tp_layout import TPLayout
+from .tp_loops import DriverLoop, FollowerLoop
+
+TIMEOUT_ENV = "CBKERNELS_TP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0
+STEP, EVENTS, STOP = 1, 2, 3  # message commands: run a step / apply the journal only / stop following
+STOP_STRINGS_UNSUPPORTED = ("stop_strings are not supported with tensor parallelism yet (the stop check holds the "
+                            "tokenizer, which the other ranks do not receive)")
+
+
+class TensorParallelStepError(RuntimeError):
+    """A step failed on some rank of a tensor-parallel group (the message names them)."""
+
+
+class _Params:
+    """``GenerationSpec``'s one method ``Engine._add`` uses, for requests rank 0 resolved."""
+
+    def __init__(self, params):
+        self._params = params
+
+    def params(self, prompt_len: int):
+        return self._params
+
+
+def control_timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
+    return value
+
+
+class SingleRank:
+    """The control plane of an engine that is not tensor parallel: every hook does nothing."""
+
+    is_driver = True
+
+    def on_add(self, request_id: str, tokens: list[int], params, priority: int = 0) -> None:
+        pass
+
+    def on_cancel(self, request_id: str) -> None:
+        pass
+
+    def announce(self, ids: list[str]) -> None:
+        pass
+
+    def begin_step(self) -> None:
+        pass
+
+    def agree(self, error: Optional[BaseException]) -> Optional[BaseException]:
+        return error
+
+
+_SINGLE = SingleRank()
+
+
+def attach(engine):
+    """The engine's control plane: a ``ControlPlane`` when its model is tensor parallel."""
+    tp = engine.cache.tp
+    return ControlPlane(engine, tp) if tp is not None and tp.is_parallel else _SINGLE
+
+
+class ControlPlane:
+    def __init__(self, engine, layout: TPLayout):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.engine, self.layout = engine, layout
+        self.is_driver = layout.rank == 0
+        ranks = dist.get_process_group_ranks(layout.group)
+        self.root = ranks[0]
+        self.group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=control_timeout_s()),
+                                    use_local_synchronization=len(ranks) < dist.get_world_size())
+        self.journal: list[tuple] = []  # rank 0: changes since the last message
+        self.calls: deque[list[str]] = deque()  # followers: ids of rank 0's generate calls, oldest first
+        self.awaited: set[str] = set()  # followers: ids a generate call will collect
+        self.following = self.applying = self.stopped = False
+        self.deferred: Optional[BaseException] = None  # an exception held until the forward ends
+        self.last_send = time.monotonic()
+        self.stats = {"messages": 0, "payload_bytes": 0, "send_s": 0.0, "agree_s": 0.0}
+        self._header = torch.zeros(2, dtype=torch.int64)
+        self._flag = torch.zeros(1, dtype=torch.int64)
+        seed = engine.config.seed if engine.config.seed is not None else random.getrandbits(62)
+        self._header[0] = seed
+        dist.broadcast(self._header, src=self.root, group=self.group)
+        engine.generator = engine.runner.generator = torch.Generator(device=engine.cache.kv.device).manual_seed(
+            int(self._header[0]))
+        self._guard_attention(engine.attention)
+        self._observe, self._observed_batch = engine.scheduler.observe_step, None
+        engine.scheduler.observe_step = self._observe_step
+        engine._loop = (DriverLoop if self.is_driver else FollowerLoop)(engine, self)
+        if engine.cache.kv.device.type == "cuda" and engine.runner.graphs is not None \
+                and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT") != "0":
+            warnings.warn("tensor parallel with CUDA graphs: set NCCL_GRAPH_MIXING_SUPPORT=0 before the process "
+                          "group starts (docs/distributed.md)", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ rank 0: ingress
+    def _refuse(self, what: str) -> None:
+        raise RuntimeError(f"{what} on tensor-parallel rank {self.layout.rank}: requests enter on rank 0 only "
+                           "(the other ranks call engine.start() / engine.stop(), or the same generate())")
+
+    def on_add(self, request_id: str, tokens: list[int], params, priority: int = 0) -> None:
+        """Engine._add, before it changes anything: journalled on rank 0, refused elsewhere
+        unless the follower is replaying rank 0's journal."""
+        if not self.is_driver:
+            if not self.applying:
+                self._refuse("add_request")
+            return
+        if params.stop_check is not None:
+            raise ValueError(STOP_STRINGS_UNSUPPORTED)
+        self.journal.append(("add", request_id, list(tokens), params, priority))
+
+    def on_cancel(self, request_id: str) -> None:
+        if not self.is_driver:
+            self._refuse("cancel")
+        self.journal.append(("cancel", request_id))
+
+    def announce(self, ids: list[str]) -> None:
+        """Rank 0's generate call queued ``ids``: followers running the same call collect them.
+        Sent at once unless a serving loop will send it with its next step."""
+        if self.is_driver:
+            self.journal.append(("call", list(ids)))
+            if not self.engine._loop.runs_elsewhere():
+                self.send_events()
+
+    # ------------------------------------------------------------------ messages
+    def _send(self, command: int) -> None:
+        events, self.journal = self.journal, []
+        payload = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL) if events else b""
+        start = time.perf_counter()
+        self._header[0], self._header[1] = command, len(payload)
+        self._dist.broadcast(self._header, src=self.root, group=self.group)
+        if payload:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            self._dist.broadcast(data, src=self.root, group=self.group)
+        self.stats["send_s"] += time.perf_counter() - start
+        self.stats["messages"] += 1
+        self.stats["payload_bytes"] += len(payload)
+        self.last_send = time.monotonic()
+        self.stopped = command == STOP
+
+    def send_events(self) -> None:
+        self._send(EVENTS)
+
+    def send_stop(self, quiet: bool = False) -> None:
+        """Tell the followers to stop following (once); ``quiet``: a broken group is ignored."""
+        if self.stopped:
+            return
+        try:
+            self._send(STOP)
+        except Exception:  # noqa: BLE001 - the loop is ending anyway; a dead peer cannot be told
+            if not quiet:
+                raise
+            self.stopped = True
+
+    def receive(self) -> tuple[int, list]:
+        """A follower's next message from rank 0: (command, events)."""
+        start = time.perf_counter()
+        self._dist.broadcast(self._header, src=self.root, group=self.group)
+        command, size = self._header.tolist()
+        events = []
+        if size:
+            data = torch.empty(size, dtype=torch.uint8)
+            self._dist.broadcast(data, src=self.root, group=self.group)
+            events = pickle.loads(data.numpy().tobytes())
+        self.stats["send_s"] += time.perf_counter() - start
+        self.stats["messages"] += 1
+        self.stats["payload_bytes"] += size
+        self.stopped = command == STOP
+        return command, events
+
+    def _apply(self, events: list) -> None:
+        eng, now = self.engine, time.perf_counter()
+        self.applying = True
+        try:
+            for event in events:
+                if event[0] == "add":
+                    _, rid, tokens, params, priority = event
+                    eng._add(tokens, _Params(params), rid, priority)
+                elif event[0] == "cancel":
+                    req = eng.requests.get(event[1])
+                    if req is not None and not req.is_done:
+                        eng.scheduler.cancel(req, now)
+                elif event[0] == "observe":  # rank 0's step time: the same step-time model here
+                    self._observe(self._observed_batch, event[1])
+                elif event[0] == "call":
+                    self.calls.append(event[1])
+                    self.awaited.update(event[1])
+        finally:
+            self.applying = False
+
+    # ------------------------------------------------------------------ steps
+    def begin_step(self) -> None:
+        """Start of every step: rank 0 sends the journal and the step; a follower only steps
+        when rank 0's message says so."""
+        if self.is_driver:
+            self._send(STEP)
+        elif not self.following:
+            raise RuntimeError(f"step() on tensor-parallel rank {self.layout.rank}: rank 0 drives the steps "
+                               "(call engine.start(), engine.stop() or the same generate() here)")
+
+    def agree(self, error: Optional[BaseException]) -> Optional[BaseException]:
+        """After a step's run: whether any rank failed, agreed by every rank. Returns the error
+        the engine fails the step's requests with (the same text on every rank), or None."""
+        start = time.perf_counter()
+        local = self.deferred if self.deferred is not None else error
+        self.deferred = None
+        self._flag[0] = local is not None
+        self._dist.all_reduce(self._flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        if not self._flag[0]:
+            self.stats["agree_s"] += time.perf_counter() - start
+            return None
+        texts: list = [None] * self.layout.size
+        self._dist.all_gather_object(texts, None if local is None else f"{type(local).__name__}: {local}",
+                                     group=self.group)
+        self.engine.runner.previous = None  # nothing of this step feeds the next one
+        self.stats["agree_s"] += time.perf_counter() - start
+        if error is not None and not isinstance(error, Exception):
+            return error  # an interrupt: failed here, then raised
+        failed = "; ".join(f"rank {r}: {t}" for r, t in enumerate(texts) if t is not None)
+        return TensorParallelStepError(f"failed on tensor-parallel {failed}")
+
+    def _observe_step(self, batch, seconds: float) -> None:
+        """The scheduler's step-time model (``target_itl_ms``) learns from wall times, which
+        differ between ranks: every rank feeds it rank 0's, before the next schedule."""
+        if self.is_driver:
+            self._observe(batch, seconds)
+            if getattr(self.engine.scheduler, "step_budget", None) is not None and batch.requests:
+                self.journal.append(("observe", seconds))
+        else:
+            self._observed_batch = batch
+
+    def _guard_attention(self, backend) -> None:
+        """Hold an exception raised inside attention until the forward ends (the remaining
+        layers return zeros), so this rank still joins every collective of the forward."""
+        attend = backend.attend
+        plane = self
+
+        def guarded(module, query, key, value, meta, **kwargs):
+            if plane.deferred is None:
+                try:
+                    return attend(module, query, key, value, meta, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - agreed after the forward (agree)
+                    plane.deferred = exc
+            else:
+                backend.layer_calls += 1
+            return query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
+
+        backend.attend = guarded
+
+    # ------------------------------------------------------------------ followers
+    def follow(self, until: Optional[Callable[[], bool]] = None) -> None:
+        """Apply rank 0's messages and run the steps they announce until rank 0 stops (or
+        ``until()`` holds: a follower's generate). Finished requests nobody collects are
+        forgotten after each message."""
+        eng = self.engine
+        self.following = True
+        try:
+            while until is None or not until():
+                command, events = self.receive()
+                with eng._changed:
+                    self._apply(events)
+                    if command == STEP:
+                        eng.step()
+                    for rid in [r for r, q in eng.requests.items() if q.is_done and r not in self.awaited]:
+                        del eng.requests[rid]
+                    eng._changed.notify_all()
+                if command == STOP:
+                    if until is not None:
+                        raise RuntimeError("rank 0 stopped the tensor-parallel group before its generate call "
+                                           "reached this rank")
+                    return
+        finally:
+            self.following = False
+
+    def follow_generate(self, prompts: list[list[int]], spec) -> list:
+        """A follower's ``generate(prompts)``: rank 0's outputs of the same call."""
+        eng = self.engine
+        if spec.config.stop_strings:
+            raise ValueError(STOP_STRINGS_UNSUPPORTED)  # as rank 0 raises for the same call
+
+        def ready() -> bool:
+            return bool(self.calls) and all(eng.requests[i].is_done for i in self.calls[0])
+
+        if eng._loop.runs_elsewhere():
+            with eng._changed:
+                while not ready():
+                    if not eng._loop.is_alive():
+                        raise RuntimeError("the follower loop ended before rank 0's generate call finished") \
+                            from eng._loop.error
+                    eng._changed.wait(1.0)
+        else:
+            self.follow(until=ready)
+        with eng._changed:
+            ids = self.calls.popleft()
+            self.awaited.difference_update(ids)
+            outputs = [eng.pop_result(i) for i in ids]
+        firsts = [o.prompt_ids for o in outputs if "__child#" not in o.request_id]
+        if [list(p) for p in firsts] != [list(p) for p in prompts]:
+            warnings.warn(f"generate on tensor-parallel rank {self.layout.rank} was given other prompts than "
+                          "rank 0: it returns rank 0's outputs", RuntimeWarning, stacklevel=3)
+        return outputs
