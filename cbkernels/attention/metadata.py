@@ -128,17 +128,15 @@ class StepTensors:
         else:
             dev = host
         t, b = len(plan.input_ids), len(plan.seq_lens)
-        sizes = (t, t, b, b + 1, b, len(plan.from_previous))
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
-        bounds.append(dev.numel())
-        ids, pos, lens, cu_dev, rows, previous, updates = (dev[bounds[i]:bounds[i + 1]] for i in range(7))
+        sizes = [t, t, 2 * b + 1, b, len(plan.from_previous)]
+        ids, pos, lens_cu, rows, previous, updates = dev.split(sizes + [dev.numel() - sum(sizes)])
         if plan.from_previous:  # input ids still on the device: gathered from the last step's samples
             pairs = previous.view(-1, 2)
             ids.index_copy_(0, pairs[:, 0], plan.previous_tokens.index_select(0, pairs[:, 1]).to(ids.dtype))
         self.input_ids, self.positions, self.table_updates = ids, pos, updates
-        self.seq_lens, self.cu_seqlens_q = lens.to(torch.int32), cu_dev.to(torch.int32)
+        lens_cu = lens_cu.to(torch.int32)  # seq_lens and cu_seqlens_q sit side by side: one conversion
+        self.seq_lens, self.cu_seqlens_q = lens_cu[:b], lens_cu[b:]
+        cu_dev = self.cu_seqlens_q
         self.rows = rows
         # The table row of every query token (its sequence's row), without a device sync.
         if t == b:  # one token per sequence (decodes)

@@ -34,22 +34,29 @@ def _positions_to_slots(table_rows: torch.Tensor, positions: torch.Tensor, block
 
 class TorchBackend(AttentionBackend):
     name = "torch"
+    _arange: Optional[torch.Tensor] = None
+
+    def _positions(self, n: int) -> torch.Tensor:
+        """0 .. n-1 on the device (a view of one cached arange, grown when too short)."""
+        if self._arange is None or self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 1024), device=self.device)
+        return self._arange[:n]
 
     def build_group(self, plan: StepPlan, step, block_tables: torch.Tensor, slots: torch.Tensor,
                     window: Optional[int]) -> GroupMetadata:
         dev, bs, nd = self.device, plan.block_size, plan.num_decodes
         meta = TorchGroupMetadata(slots, block_tables, window)
         if nd:
-            longest = plan.max_seqlen_k if plan.padded else max(plan.seq_lens[:nd])
+            lens = plan.seq_lens if nd == len(plan.seq_lens) else plan.seq_lens[:nd]
+            longest = plan.max_seqlen_k if plan.padded else max(lens)
             nb = -(-longest // bs)
             meta.decode_blocks = block_tables[:nd, :nb]  # whole blocks: nb indices a row, not nb * bs
             # Decided on host ints (no device read): a mask is needed unless every decode row
             # sees every gathered position. Static buffers (CUDA-graph buckets) always carry one.
-            lens = plan.seq_lens[:nd]
             if plan.padded or min(lens) != nb * bs or (window is not None and window < nb * bs):
-                pos = torch.arange(nb * bs, device=dev)
-                seen = torch_path.visible(step.seq_lens[:nd, None].to(torch.int64) - 1, pos[None, :], window)
-                meta.decode_mask = seen[:, None, None, :]
+                last = (step.seq_lens[:nd] - 1).unsqueeze(1)  # [Bd, 1] each row's own position
+                seen = torch_path.visible(last, self._positions(nb * bs), window)  # [Bd, nb * bs]
+                meta.decode_mask = seen.view(nd, 1, 1, nb * bs)
         for b in range(nd, len(plan.seq_lens)):
             if plan.seq_lens[b] == plan.query_lens[b]:
                 meta.prefix_slots.append(None)  # whole prompt in this step: keys are the new rows
