@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from .tp_layout import TPLayout
-from .tp_loops import DriverLoop, FollowerLoop
+from .tp_loops import DriverLoop, FollowerLoop, Heartbeat
 
 TIMEOUT_ENV = "CBKERNELS_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
@@ -111,6 +111,12 @@ class ControlPlane:
     def __init__(self, engine, layout: TPLayout):
         import torch.distributed as dist
 
+        previous = getattr(engine.model, "_cbkernels_control_plane", None)
+        if previous is not None and not previous.stopped:
+            raise RuntimeError("this tensor-parallel model's engine is still live: every rank would have to build "
+                               "the new engine together (call engine.stop() on every rank first); a second engine "
+                               "on one rank only (e.g. the server's private engine of a seeded request) cannot "
+                               "run with tensor parallelism")
         self._dist = dist
         self.engine, self.layout = engine, layout
         self.is_driver = layout.rank == 0
@@ -136,6 +142,9 @@ class ControlPlane:
         self._observe, self._observed_batch = engine.scheduler.observe_step, None
         engine.scheduler.observe_step = self._observe_step
         engine._loop = (DriverLoop if self.is_driver else FollowerLoop)(engine, self)
+        engine.model._cbkernels_control_plane = self
+        self.heartbeat: Optional[Heartbeat] = None
+        self._beat()
         if engine.cache.kv.device.type == "cuda" and engine.runner.graphs is not None \
                 and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT") != "0":
             warnings.warn("tensor parallel with CUDA graphs: set NCCL_GRAPH_MIXING_SUPPORT=0 before the process "
@@ -171,6 +180,12 @@ class ControlPlane:
                 self.send_events()
 
     # ------------------------------------------------------------------ messages
+    def _beat(self) -> None:
+        """Rank 0: a heartbeat thread while the followers follow."""
+        if self.is_driver and not self.stopped and (self.heartbeat is None or not self.heartbeat.is_alive()):
+            self.heartbeat = Heartbeat(self.send_events, lambda: time.monotonic() - self.last_send,
+                                       lambda: self.stopped, self.engine._changed)
+
     def _send(self, command: int) -> None:
         events, self.journal = self.journal, []
         payload = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL) if events else b""
@@ -185,6 +200,7 @@ class ControlPlane:
         self.stats["payload_bytes"] += len(payload)
         self.last_send = time.monotonic()
         self.stopped = command == STOP
+        self._beat()
 
     def send_events(self) -> None:
         self._send(EVENTS)

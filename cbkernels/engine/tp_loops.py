@@ -1,9 +1,10 @@
 """The serving loops of a tensor-parallel engine (see ``cbkernels.engine.distributed``).
 
-* ``DriverLoop`` (rank 0): ``ServingLoop`` plus a heartbeat: while idle it sends the other
-  ranks an empty message every ``HEARTBEAT_S``, so a follower waiting for the next step hears
-  from rank 0 well within the control group's timeout; when the loop ends (``stop()``, or
-  an error) it tells the followers to stop.
+* ``DriverLoop`` (rank 0): ``ServingLoop`` that tells the followers to stop when it ends
+  (``stop()``, or an error); ``stop()`` without a running loop tells them at once.
+* ``Heartbeat`` (rank 0): while nothing else is sent, an empty message every ``HEARTBEAT_S``,
+  so a follower waiting for the next step hears from rank 0 well within the control group's
+  timeout, whoever drives rank 0's steps (this loop, the server's stepper, a script).
 * ``FollowerLoop`` (other ranks): receives rank 0's messages and runs the steps they announce,
   in a thread (``start()``) or in the caller (``stop()`` without a thread: follow until rank 0
   stops). Same interface as ``ServingLoop``, so ``Engine.start`` / ``stop`` / ``stream`` /
@@ -15,7 +16,7 @@ import threading
 import time
 from typing import Optional
 
-from .serving import HANDOFF_S, ServingLoop
+from .serving import ServingLoop
 
 # Longest silence of rank 0 while idle; far below the control group's timeout.
 HEARTBEAT_S = 1.0
@@ -28,22 +29,10 @@ class DriverLoop(ServingLoop):
 
     def _serve(self) -> None:
         try:
-            while True:
-                with self._changed:
-                    while not self._stopping and not self._has_work():
-                        self._changed.wait(HEARTBEAT_S)
-                        if time.monotonic() - self._plane.last_send >= HEARTBEAT_S and not self._stopping:
-                            self._plane.send_events()  # also delivers cancellations made while idle
-                    if self._stopping:
-                        return
-                    self._step()
-                time.sleep(HANDOFF_S)
-        except BaseException as exc:  # noqa: BLE001 - kept for the caller, as ServingLoop does
-            self.error = exc
+            super()._serve()
         finally:
             with self._changed:
                 self._plane.send_stop(quiet=True)
-                self._changed.notify_all()
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop the loop (whose exit tells the followers); without a loop, tell them here."""
@@ -52,6 +41,35 @@ class DriverLoop(ServingLoop):
         if not was_running:
             with self._changed:
                 self._plane.send_stop()
+
+
+class Heartbeat:
+    """Rank 0's daemon thread: ``send()`` (under ``lock``) whenever ``idle_s()`` reaches
+    ``HEARTBEAT_S``; it ends once ``stopped()`` (the followers stopped following) or at the
+    first failed send."""
+
+    def __init__(self, send, idle_s, stopped, lock):
+        self._send, self._idle_s, self._stopped, self._lock = send, idle_s, stopped, lock
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._beat, name="cbkernels-tp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _beat(self) -> None:
+        while not self._stopped():
+            time.sleep(HEARTBEAT_S / 4)
+            if self._idle_s() < HEARTBEAT_S:
+                continue
+            with self._lock:
+                if self._stopped() or self._idle_s() < HEARTBEAT_S:
+                    continue
+                try:
+                    self._send()
+                except Exception as exc:  # noqa: BLE001 - the group is broken: the next step reports it
+                    self.error = exc
+                    return
 
 
 class FollowerLoop:
