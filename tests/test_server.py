@@ -8,7 +8,7 @@ import secrets
 import httpx
 import pytest
 
-from cbkernels.server.testing import chat_ids, engine_greedy
+from cbkernels.server.testing import chat_ids, engine_greedy, engine_outputs
 
 openai = pytest.importorskip("openai", reason="the server tests need the test extra (openai)")
 
@@ -155,6 +155,83 @@ def test_seed_reproduces_sampling_whatever_else_runs(served, client):
     assert asyncio.run(with_traffic()) == first
     assert texts(1234) == first
     assert texts(4321) != first
+
+
+# Log-probabilities: the server's numbers are the engine's own for the same prompt. The engine
+# reference runs the prompt alone while the server batches it with its siblings (n=2), so the
+# fp32 sums may round differently: agreement to 1e-4 (the tokens themselves must be equal).
+LOGPROB_TOL = 1e-4
+
+
+def _check_chat_logprobs(content, ref, tok, text, k):
+    eos = tok.eos_token_id
+    assert len(content) == len(ref.generated_tokens)
+    for item, token, lp, top in zip(content, ref.generated_tokens, ref.logprobs, ref.top_logprobs):
+        assert item.logprob == pytest.approx(lp, abs=LOGPROB_TOL)
+        assert len(item.top_logprobs) == k
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx([v for _, v in top], abs=LOGPROB_TOL)
+        # greedy: the chosen token is the most likely one
+        assert (item.top_logprobs[0].token, item.top_logprobs[0].bytes) == (item.token, item.bytes)
+        assert item.top_logprobs[0].logprob == item.logprob
+        assert item.token == tok.decode([token]) or token == eos or "\ufffd" in item.token
+    words = [item for item, token in zip(content, ref.generated_tokens) if token != eos]
+    assert bytes(b for item in words for b in item.bytes).decode("utf-8") == text
+
+
+def test_chat_logprobs_are_the_engines_with_n_choices_streamed_and_not(served, client):
+    tok, max_new, k = served.tokenizer, 10, 3
+    ids = chat_ids(tok, QUESTIONS[2])
+    ref = engine_outputs([ids], max_new, top_logprobs=k)[0]
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=max_new,
+                  temperature=0, n=2, logprobs=True, top_logprobs=k)
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        content = [item for c in mine if c.logprobs for item in c.logprobs.content]
+        _check_chat_logprobs(content, ref, tok, "".join(c.delta.content or "" for c in mine), k)
+    resp = client.chat.completions.create(**kwargs)
+    assert len(resp.choices) == 2
+    for choice in resp.choices:
+        _check_chat_logprobs(choice.logprobs.content, ref, tok, choice.message.content, k)
+    assert resp.usage.completion_tokens == 2 * len(ref.generated_tokens)
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None, "n": 1})
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_are_the_engines_streamed_and_not(served, client):
+    tok, max_new, k = served.tokenizer, 10, 2
+    prompt = "The three primary colours are"
+    ref = engine_outputs([list(tok(prompt)["input_ids"])], max_new, top_logprobs=k)[0]
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=max_new, temperature=0, logprobs=k)
+    parts = [c.choices[0] for c in client.completions.create(stream=True, **kwargs)]
+    lps = [p.logprobs for p in parts if p.logprobs]
+    streamed = ("".join(p.text for p in parts), [t for lp in lps for t in lp.tokens],
+                [v for lp in lps for v in lp.token_logprobs], [t for lp in lps for t in lp.top_logprobs],
+                [o for lp in lps for o in lp.text_offset])
+    choice = client.completions.create(**kwargs).choices[0]
+    lp = choice.logprobs
+    whole = (choice.text, lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset)
+    for text, tokens, values, tops, offsets in (streamed, whole):
+        assert tokens == [tok.decode([t]) for t in ref.generated_tokens]
+        assert values == pytest.approx(ref.logprobs, abs=LOGPROB_TOL)
+        for token, value, top, alts in zip(tokens, values, tops, ref.top_logprobs):
+            assert len(top) == k and max(top, key=top.get) == token and top[token] == value
+            assert sorted(top.values(), reverse=True) == pytest.approx([v for _, v in alts], abs=LOGPROB_TOL)
+        assert [text[o:o + len(t)] for o, t in zip(offsets, tokens)] == tokens
+
+
+def test_sampled_choices_carry_their_own_logprobs(served, client):
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[3]}],
+                                          max_tokens=8, temperature=1.0, n=3, logprobs=True, top_logprobs=5)
+    counts = []
+    for choice in resp.choices:
+        content = choice.logprobs.content
+        counts.append(len(content))
+        for item in content:  # the drawn token is no likelier than the most likely one
+            assert item.logprob <= item.top_logprobs[0].logprob and len(item.top_logprobs) == 5
+            assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs),
+                                                                     reverse=True)
+    assert sum(counts) == resp.usage.completion_tokens
 
 
 def test_api_key_is_required_on_v1_and_metrics(served):

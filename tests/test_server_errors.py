@@ -64,8 +64,11 @@ BAD = [  # (name, path, body, status, param, code)
     ("empty stop string", CHAT, chat(stop=[""]), 400, "stop", None),
     ("seed a float", CHAT, chat(seed=1.5), 400, "seed", None),
     ("stream_options without stream", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", None),
-    ("logprobs", CHAT, chat(logprobs=True), 400, "logprobs", None),
-    ("top_logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("logprobs not a boolean", CHAT, chat(logprobs=2), 400, "logprobs", None),
+    ("top_logprobs without logprobs", CHAT, chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("top_logprobs over 20", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
+    ("top_logprobs negative", CHAT, chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs", None),
+    ("top_logprobs a float", CHAT, chat(logprobs=True, top_logprobs=1.5), 400, "top_logprobs", None),
     ("frequency_penalty", CHAT, chat(frequency_penalty=0.5), 400, "frequency_penalty", None),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None),
     ("response_format json", CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", None),
@@ -74,7 +77,9 @@ BAD = [  # (name, path, body, status, param, code)
     ("prompt missing", COMP, {"model": MODEL}, 400, "prompt", None),
     ("prompt a number", COMP, comp(prompt=42), 400, "prompt", None),
     ("token id outside the vocabulary", COMP, comp(prompt=[1, 10 ** 9]), 400, "prompt", None),
-    ("completion logprobs", COMP, comp(logprobs=1), 400, "logprobs", None),
+    ("completion logprobs over 20", COMP, comp(logprobs=21), 400, "logprobs", None),
+    ("completion logprobs negative", COMP, comp(logprobs=-1), 400, "logprobs", None),
+    ("completion logprobs a boolean", COMP, comp(logprobs=True), 400, "logprobs", None),
     ("echo", COMP, comp(echo=True), 400, "echo", None),
     ("prompt longer than the context", COMP, comp(prompt=[17] * (CONTEXT + 1)), 400, "prompt",
      "context_length_exceeded"),
@@ -135,8 +140,8 @@ def test_chunked_body_over_the_limit_and_wrong_method(served):
 def test_openai_client_sees_the_error_fields(served):
     client = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logprobs=True)
-    assert info.value.param == "logprobs" and "log probabilities" in info.value.message
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logprobs=True, top_logprobs=21)
+    assert info.value.param == "top_logprobs" and "between 0 and 20" in info.value.message
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-nope", messages=MSG, max_tokens=2)
     assert info.value.code == "model_not_found"

@@ -57,6 +57,11 @@ def test_parsing_normalises_and_refuses_with_the_parameter_named():
     assert req.messages == [{"role": "system", "content": "ab"}]
     assert (req.options.max_tokens, req.options.stop, req.options.top_k, req.options.n) == (5, ["x"], 0, 1)
     assert parse_completion({"model": "m", "prompt": [[1, 2], "text"]}).prompts == [[1, 2], "text"]
+    assert req.options.logprobs is None  # logprobs: false asks for nothing
+    msgs = [{"role": "user", "content": "x"}]
+    assert parse_chat({"model": "m", "messages": msgs, "logprobs": True}).options.logprobs == 0
+    assert parse_chat({"model": "m", "messages": msgs, "logprobs": True, "top_logprobs": 20}).options.logprobs == 20
+    assert parse_completion({"model": "m", "prompt": "x", "logprobs": 0}).options.logprobs == 0
     for body, param in [({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
                           "max_completion_tokens": 4}, "max_tokens"),
                         ({"model": "m", "messages": [{"role": "user", "content": "x", "name": "bob"}]},

@@ -19,9 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol, schemas
 from .auth import GateMiddleware, read_body
-from .bridge import EngineBridge
+from .bridge import EngineBridge, LogprobRequest
 from .errors import APIError, bad_request, error_body
 from .generation import ClientGone, EventStream, choice_texts, collect, completion_tokens, sse_stream, until_disconnect
+from .logprobs import ChoiceLogprobs, TokenTexts
 from .metrics import ServerMetrics
 
 ATTENTION = "cbkernels"
@@ -57,6 +58,7 @@ class ServerState:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos = eos
+        self.token_texts = TokenTexts(tokenizer)
         self.created = schemas.now()
         self._saved_attention: Optional[str] = None
 
@@ -68,12 +70,11 @@ class ServerState:
         if current != ATTENTION:
             self._saved_attention = current
             self.model.set_attn_implementation(ATTENTION)
-        self.bridge.bind(loop)
-        self.engine.start()
+        self.bridge.bind(loop)  # starts the serving thread that runs the engine's steps
 
     def stop(self) -> None:
-        self.engine.stop()
         self.bridge.shutdown()
+        self.engine.stop()
         if self._saved_attention is not None:
             self.model.set_attn_implementation(self._saved_attention)
             self._saved_attention = None
@@ -135,23 +136,26 @@ class ServerState:
         max_new = self.max_new_tokens(prompts, opts.max_tokens, "messages" if chat else "prompt", max_tokens_param)
         gc = self.generation_config(opts, max_new)
         seed = None if opts.seed is None or opts.greedy else opts.seed
-        group = await self.bridge.submit([p for p in prompts for _ in range(opts.n)], gc, seed=seed)
+        want = None if opts.logprobs is None else LogprobRequest(top=opts.logprobs)
+        group = await self.bridge.submit([p for p in prompts for _ in range(opts.n)], gc, seed=seed, logprobs=want)
         texts = choice_texts(group, self.tokenizer, opts.stop)
+        books = None if want is None else [ChoiceLogprobs(self.token_texts, want.top) for _ in texts]
         obj_id, created = schemas.new_id("chatcmpl" if chat else "cmpl"), schemas.now()
         prompt_tokens = sum(len(p) for p in prompts)
         if opts.stream:
             chunks = sse_stream(group, texts, chat=chat, obj_id=obj_id, created=created, model=model,
-                                prompt_tokens=prompt_tokens, include_usage=opts.include_usage)
+                                prompt_tokens=prompt_tokens, include_usage=opts.include_usage, logprobs=books)
             return EventStream(chunks, group.close)
         try:
-            choices = await until_disconnect(request.receive, collect(group, texts))
+            choices = await until_disconnect(request.receive, collect(group, texts, books))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
         finally:
             group.close()
         use = schemas.usage(prompt_tokens, completion_tokens(texts))
         build = schemas.chat_completion if chat else schemas.completion
-        return JSONResponse(build(obj_id, created, model, choices, use))
+        logprobs = None if books is None else [b.chat() if chat else b.completion() for b in books]
+        return JSONResponse(build(obj_id, created, model, choices, use, logprobs))
 
 
 def _api_error(_request, exc: APIError):
@@ -220,8 +224,8 @@ def create_app(engine, tokenizer, settings: Optional[ServerSettings] = None) -> 
     async def health():
         if state.bridge.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        if getattr(engine, "loop_error", None) is not None:
-            return JSONResponse({"status": f"engine loop failed: {engine.loop_error!r}"}, status_code=503)
+        if state.bridge.error is not None:
+            return JSONResponse({"status": f"engine loop failed: {state.bridge.error!r}"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -1,55 +1,48 @@
 """Between the event loop and the engine.
 
-The engine runs its own serving loop (``Engine.start()``); its calls take the engine's lock,
-which a step holds for its whole forward, so the event loop never calls the engine itself:
-
-* ``add_request`` / ``cancel`` / ``stop`` run on a small control thread pool;
-* each engine request gets one pump thread that iterates ``engine.stream`` (it sleeps on the
-  engine's condition variable, no polling) and hands every token to the event loop with
-  ``loop.call_soon_threadsafe`` into the request group's ``asyncio.Queue``, then hands over
-  the final ``RequestOutput`` (``pop_result``: the engine forgets it).
+The engine's steps run in one thread of the server's own (``stepper.Stepper``), which also
+makes every engine call (``add_request``, ``cancel``, ``pop_result``) between two steps: no
+other thread waits for the engine's lock, so a step's tokens are handed out as soon as it
+ends. After each step the stepper sends everything it made (tokens with their
+log-probabilities, finished outputs) to the event loop in one ``call_soon_threadsafe``; the
+event loop then puts each request group's events on its ``asyncio.Queue``.
 
 Admission: at most ``max_num_seqs + max_waiting`` sequences are in flight; beyond that a
-request is refused with 429 before anything is tokenised into the engine. A request with a
+request is refused with 429 before anything is queued in the engine. A request with a
 ``seed`` and sampling runs on a private engine seeded with it (same model, its own small
-cache), so its output does not depend on what else the server is doing.
+cache and its own stepper), so its output does not depend on what else the server is doing.
 """
 from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 from .errors import APIError
+from .stepper import Event, Stepper, Track
 
 SEEDED_ENGINES = 2  # private engines (seeded sampling) running at once; more wait their turn
 
 
-@dataclass
-class Event:
-    index: int  # which choice
-    token: Optional[int] = None
-    output: object = None  # the RequestOutput, once the request is over
-    error: Optional[BaseException] = None
+@dataclass(frozen=True)
+class LogprobRequest:
+    """What the engine is asked to return per generated token."""
+    top: int = 0  # alternatives per token
 
 
 class Group:
     """The engine requests of one HTTP request (one per choice), seen from the event loop."""
 
-    def __init__(self, bridge: "EngineBridge", engine, n: int, owns_engine: bool):
-        self.bridge, self.engine, self.owns_engine = bridge, engine, owns_engine
+    def __init__(self, bridge: "EngineBridge", stepper: Optional[Stepper], n: int, owns_stepper: bool):
+        self.bridge, self.stepper, self.owns_stepper = bridge, stepper, owns_stepper
         prefix = uuid.uuid4().hex[:12]
         self.request_ids = [f"srv-{prefix}-{i}" for i in range(n)]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reported = [False] * n  # final event seen by the handler
         self.closed = False
-        self._lock = threading.Lock()  # orders close() against the thread adding the requests
-        self._added = False
-        self._live_pumps = n
 
     # ------------------------------------------------------------ event-loop side
     async def next_events(self) -> list[Event]:
@@ -63,16 +56,17 @@ class Group:
         return events
 
     def cancel_choice(self, index: int) -> None:
-        """Stop one choice early (a stop string matched); its blocks are freed at once."""
+        """Stop one choice early (a stop string matched); its blocks are freed before the next step."""
         if not self.reported[index]:
             self.reported[index] = True
-            self.bridge.control(self._cancel, [self.request_ids[index]])
+            if self.stepper is not None:
+                self.stepper.cancel([self.request_ids[index]])
 
     def cancel_all(self) -> None:
-        """Cancel every unfinished choice; the pumps still deliver their (cancelled) outputs."""
+        """Cancel every unfinished choice; their (cancelled) outputs still arrive."""
         pending = [rid for rid, done in zip(self.request_ids, self.reported) if not done]
-        if pending:
-            self.bridge.control(self._cancel, pending)
+        if pending and self.stepper is not None:
+            self.stepper.cancel(pending)
 
     def close(self) -> None:
         """The handler is done (finished, failed or its client left): cancel what still
@@ -82,63 +76,13 @@ class Group:
             return
         self.closed = True
         self.bridge._release(self)
-        with self._lock:
-            added = self._added
-        if added:
-            self.cancel_all()
-        # Not yet added: the adding thread sees ``closed`` and cancels what it added.
+        self.cancel_all()
+        if self.owns_stepper and self.stepper is not None:
+            self.stepper.stop_when_idle()
 
-    # ------------------------------------------------------------ thread side
-    def _cancel(self, request_ids) -> None:
-        for rid in request_ids:
-            try:
-                self.engine.cancel(rid)
-            except KeyError:  # already finished and handed over
-                pass
-
-    def _add_all(self, prompts, generation_config) -> bool:
-        added = []
-        try:
-            for prompt, rid in zip(prompts, self.request_ids):
-                self.engine.add_request(prompt, generation_config, request_id=rid)
-                added.append(rid)
-            if self.owns_engine:
-                self.engine.start()
-        finally:
-            with self._lock:
-                self._added = True
-                closed = self.closed or len(added) < len(prompts)
-            if closed:  # the client left while we were adding, or adding failed
-                for rid in added:
-                    self._cancel([rid])
-                    self.engine.pop_result(rid)
-                if self.owns_engine:
-                    self.engine.stop()
-        return not closed
-
-    def _start_pumps(self) -> None:
-        for index, rid in enumerate(self.request_ids):
-            threading.Thread(target=self._pump, args=(index, rid), daemon=True,
-                             name=f"cbkernels-pump-{rid}").start()
-
-    def _pump(self, index: int, rid: str) -> None:
-        post = self.bridge.post
-        try:
-            for token in self.engine.stream(rid):
-                post(self.queue, Event(index, token=token))
-            output = self.engine.pop_result(rid)
-        except BaseException as exc:  # noqa: BLE001 - handed to the handler as this choice's failure
-            post(self.queue, Event(index, error=exc))
-        else:
-            if self.bridge.metrics is not None:
-                self.bridge.metrics.observe_output(output)
-            post(self.queue, Event(index, output=output))
-        finally:
-            with self._lock:
-                self._live_pumps -= 1
-                last = self._live_pumps == 0
-            if last and self.owns_engine:
-                self.engine.stop()
+    def deliver(self, event: Event) -> None:
+        if not self.closed or event.output is not None or event.error is not None:
+            self.queue.put_nowait(event)
 
 
 class EngineBridge:
@@ -151,25 +95,34 @@ class EngineBridge:
         self.closing = False
         self.groups: set[Group] = set()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cbkernels-control")
+        self.stepper = Stepper(engine, self._post_step, name="cbkernels-engine")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cbkernels-control")
         self._seeded: Optional[asyncio.Semaphore] = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._seeded = asyncio.Semaphore(SEEDED_ENGINES)
+        self.stepper.start()
 
-    def post(self, queue: asyncio.Queue, item) -> None:
-        """From any thread: put ``item`` on ``queue`` in the event loop (dropped once it is closed)."""
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What ended the serving thread, if anything did."""
+        return self.stepper.error
+
+    # ------------------------------------------------------------ stepper -> event loop
+    def _post_step(self, batch: list) -> None:
+        """From the stepping thread: one step's events, ``[(track, Event), ...]``, in one hop."""
+        if self.metrics is not None:
+            for _track, ev in batch:
+                if ev.output is not None:
+                    self.metrics.observe_output(ev.output)
         try:
-            self.loop.call_soon_threadsafe(queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(_deliver_all, batch)
         except RuntimeError:  # the event loop is closed: the server has gone away
             pass
 
-    def control(self, fn, *args):
-        return self._pool.submit(fn, *args)
-
     async def run(self, fn, *args):
-        """Run a blocking engine call on the control pool and wait for it without blocking the loop."""
+        """Run a blocking call on the control pool and wait for it without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------ admission
@@ -189,13 +142,14 @@ class EngineBridge:
         if group in self.groups:
             self.groups.discard(group)
             self.in_flight -= len(group.request_ids)
-            if group.owns_engine:
+            if group.owns_stepper:
                 self._seeded.release()
 
-    async def submit(self, prompts: list[list[int]], generation_config, *, seed: Optional[int] = None) -> Group:
+    async def submit(self, prompts: list[list[int]], generation_config, *, seed: Optional[int] = None,
+                     logprobs: Optional[LogprobRequest] = None) -> Group:
         """Queue one engine request per prompt (choices repeat their prompt); 429 when full."""
         self._admit(len(prompts))
-        engine, owns = self.engine, False
+        stepper, owns = self.stepper, False
         if seed is not None:
             try:
                 await self._seeded.acquire()
@@ -203,17 +157,38 @@ class EngineBridge:
                 self.in_flight -= len(prompts)
                 raise
             owns = True
-        group = Group(self, engine, len(prompts), owns)
+        group = Group(self, None if owns else stepper, len(prompts), owns)
         self.groups.add(group)
         try:
             if owns:
-                group.engine = await self.run(self._private_engine, prompts, generation_config, seed)
-            if await self.run(group._add_all, prompts, generation_config):
-                group._start_pumps()
+                engine = await self.run(self._private_engine, prompts, generation_config, seed)
+                group.stepper = Stepper(engine, self._post_step, name="cbkernels-seeded")
+                group.stepper.start()
+            kwargs = {} if logprobs is None else {"return_logprobs": True, "top_logprobs": logprobs.top}
+            tracks = [Track(group, i, rid) for i, rid in enumerate(group.request_ids)]
+            done = self.loop.create_future()
+            group.stepper.add(tracks, prompts, generation_config, kwargs, self._resolver(done))
+            await done
         except BaseException:
             group.close()
             raise
         return group
+
+    def _resolver(self, future: asyncio.Future):
+        """A callback for the stepping thread that settles ``future`` in the event loop."""
+        def settle(error: Optional[BaseException]) -> None:
+            def apply():
+                if future.done():
+                    return
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+            try:
+                self.loop.call_soon_threadsafe(apply)
+            except RuntimeError:
+                pass
+        return settle
 
     def _private_engine(self, prompts, generation_config, seed: int):
         """An engine of its own for seeded sampling, its cache sized to these requests."""
@@ -238,4 +213,11 @@ class EngineBridge:
             group.cancel_all()
 
     def shutdown(self) -> None:
+        """Stop the stepping thread (after the step it is running) and the control pool."""
+        self.stepper.stop()
         self._pool.shutdown(wait=True)
+
+
+def _deliver_all(batch: list) -> None:
+    for track, event in batch:
+        track.group.deliver(event)

@@ -26,6 +26,7 @@ class Update:
     index: int
     delta: str
     finish: Optional[str] = None  # set on the choice's last update
+    logprobs: Optional[tuple[int, int]] = None  # the range of the choice's logprob entries this update adds
 
 
 class ClientGone(Exception):
@@ -45,25 +46,34 @@ def choice_texts(group, tokenizer, stops: list[str]) -> list[ChoiceText]:
     return [ChoiceText(tokenizer, stops) for _ in group.request_ids]
 
 
-async def updates(group, texts: list[ChoiceText]) -> AsyncIterator[Update]:
-    """Text deltas per choice as tokens arrive, until every choice has finished."""
+async def updates(group, texts: list[ChoiceText], logprobs: Optional[list] = None) -> AsyncIterator[Update]:
+    """Text deltas per choice as tokens arrive, until every choice has finished. With
+    ``logprobs`` (a ``ChoiceLogprobs`` per choice), the consumed tokens' log-probabilities
+    are recorded there and each update names the entries it added."""
     live = set(range(len(texts)))
     while live:
         events = await group.next_events()
-        new_tokens: dict[int, list[int]] = {}
+        new: dict[int, list] = {}
         ended: dict[int, object] = {}
         for ev in events:
             if ev.index not in live:
                 continue
             if ev.error is not None:
                 raise _failure(error=ev.error)
-            if ev.token is not None:
-                new_tokens.setdefault(ev.index, []).append(ev.token)
-            elif ev.output is not None:
+            if ev.tokens:
+                new.setdefault(ev.index, []).append(ev)
+            if ev.output is not None:
                 ended[ev.index] = ev.output
-        for index in sorted(set(new_tokens) | set(ended)):
+        for index in sorted(set(new) | set(ended)):
             text = texts[index]
-            delta = text.push(new_tokens.get(index, []))
+            got = new.get(index, ())
+            tokens = [t for ev in got for t in ev.tokens]
+            delta = text.push(tokens)
+            span = None
+            if logprobs is not None and tokens:
+                used = len(text.offsets)
+                span = logprobs[index].add(tokens[:used], [v for ev in got for v in ev.logprobs][:used],
+                                           [v for ev in got for v in ev.top][:used], text.offsets)
             finish = None
             if text.stopped:
                 finish = "stop"
@@ -74,17 +84,17 @@ async def updates(group, texts: list[ChoiceText]) -> AsyncIterator[Update]:
                     raise _failure(output)
                 delta += text.finish()
                 finish = FINISH_REASONS[output.finish_reason]
-            if delta or finish:
-                yield Update(index, delta, finish)
+            if delta or finish or (span and span[1] > span[0]):
+                yield Update(index, delta, finish, span)
             if finish:
                 live.discard(index)
 
 
-async def collect(group, texts: list[ChoiceText]) -> list[tuple[str, str]]:
+async def collect(group, texts: list[ChoiceText], logprobs: Optional[list] = None) -> list[tuple[str, str]]:
     """Every choice's whole text and finish reason."""
     parts = [[] for _ in texts]
     finish = [None] * len(texts)
-    async for upd in updates(group, texts):
+    async for upd in updates(group, texts, logprobs):
         parts[upd.index].append(upd.delta)
         finish[upd.index] = upd.finish or finish[upd.index]
     return [("".join(p), f) for p, f in zip(parts, finish)]
@@ -95,25 +105,28 @@ def completion_tokens(texts: list[ChoiceText]) -> int:
 
 
 async def sse_stream(group, texts: list[ChoiceText], *, chat: bool, obj_id: str, created: int, model: str,
-                     prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                     prompt_tokens: int, include_usage: bool, logprobs: Optional[list] = None) -> AsyncIterator[bytes]:
     """The chunks of a streamed answer, ending with ``data: [DONE]``."""
     if chat:
         for i in range(len(group.request_ids)):  # the role first, as OpenAI does
             yield schemas.sse(schemas.chat_chunk(obj_id, created, model, i, {"role": "assistant", "content": ""},
                                                  with_usage=include_usage))
     try:
-        async for upd in updates(group, texts):
+        async for upd in updates(group, texts, logprobs):
+            lp = None
+            if logprobs is not None and upd.logprobs is not None:
+                book = logprobs[upd.index]
+                lp = book.chat(*upd.logprobs) if chat else book.completion(*upd.logprobs)
             if chat:
-                delta = {"content": upd.delta} if upd.delta else {}
-                if upd.delta:
-                    yield schemas.sse(schemas.chat_chunk(obj_id, created, model, upd.index, delta,
-                                                         with_usage=include_usage))
+                if upd.delta or lp is not None:
+                    yield schemas.sse(schemas.chat_chunk(obj_id, created, model, upd.index, {"content": upd.delta},
+                                                         with_usage=include_usage, logprobs=lp))
                 if upd.finish:
                     yield schemas.sse(schemas.chat_chunk(obj_id, created, model, upd.index, {}, upd.finish,
                                                          with_usage=include_usage))
             else:
                 yield schemas.sse(schemas.completion_chunk(obj_id, created, model, upd.index, upd.delta, upd.finish,
-                                                           with_usage=include_usage))
+                                                           with_usage=include_usage, logprobs=lp))
         if include_usage:
             kind = "chat.completion.chunk" if chat else "text_completion"
             use = schemas.usage(prompt_tokens, completion_tokens(texts))

@@ -38,7 +38,7 @@ NOT_IMPLEMENTED = {
 }
 # Accepted and without effect on the output: caller bookkeeping and cache-routing hints.
 INERT = {"user", "metadata", "safety_identifier", "prompt_cache_key"}
-LOGPROBS_MESSAGE = "{name} is not supported: the engine does not provide token log probabilities yet"
+MAX_TOP_LOGPROBS = 20  # alternatives per token (chat top_logprobs, completions logprobs)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class SamplingOptions:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: Optional[int] = None  # None: no log-probabilities; k: each token's and its k most likely alternatives
 
     @property
     def greedy(self) -> bool:
@@ -139,12 +140,9 @@ def _model(body: dict) -> str:
     return model
 
 
-def _check_unsupported(body: dict, known: set, logprob_params: dict) -> None:
-    for name, is_default in logprob_params.items():
-        if not is_default(body.get(name)):
-            raise bad_request(LOGPROBS_MESSAGE.format(name=name), name)
+def _check_unsupported(body: dict, known: set) -> None:
     for name, value in body.items():
-        if name in known or name in INERT or name in logprob_params:
+        if name in known or name in INERT:
             continue
         if name in NOT_IMPLEMENTED:
             if not NOT_IMPLEMENTED[name](value):
@@ -220,8 +218,12 @@ def parse_chat(body: dict) -> ChatRequest:
         raise bad_request(f"messages holds at most {MAX_MESSAGES} entries, got {len(messages)}", "messages")
     parsed = [_message(i, m) for i, m in enumerate(messages)]
     opts = parse_options(body, max_tokens_keys=("max_completion_tokens", "max_tokens"))
-    _check_unsupported(body, SAMPLING_KEYS | {"messages", "max_completion_tokens"},
-                       {"logprobs": _is(False), "top_logprobs": _is(0)})
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if _bool(body, "logprobs"):
+        opts.logprobs = top or 0
+    elif top:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    _check_unsupported(body, SAMPLING_KEYS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
     return ChatRequest(model, parsed, opts)
 
 
@@ -243,7 +245,8 @@ def parse_completion(body: dict) -> CompletionRequest:
     if len(prompts) > MAX_PROMPTS:
         raise bad_request(f"prompt holds at most {MAX_PROMPTS} prompts, got {len(prompts)}", "prompt")
     opts = parse_options(body, max_tokens_keys=("max_tokens",))
-    _check_unsupported(body, SAMPLING_KEYS | {"prompt"}, {"logprobs": _is()})
+    opts.logprobs = _int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    _check_unsupported(body, SAMPLING_KEYS | {"prompt", "logprobs"})
     if opts.n * len(prompts) > MAX_N * 4:
         raise bad_request(f"n x prompts is at most {MAX_N * 4}, got {opts.n * len(prompts)}", "n")
     return CompletionRequest(model, prompts, opts)

@@ -32,32 +32,36 @@ def _head(obj_id: str, kind: str, created: int, model: str) -> dict:
     return {"id": obj_id, "object": kind, "created": created, "model": model}
 
 
-def chat_completion(obj_id: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
-    """``choices``: (text, finish_reason) in index order."""
+def chat_completion(obj_id: str, created: int, model: str, choices: list[tuple[str, str]], use: dict,
+                    logprobs: Optional[list] = None) -> dict:
+    """``choices``: (text, finish_reason) in index order; ``logprobs``: each choice's, or None."""
+    logprobs = logprobs or [None] * len(choices)
     return {**_head(obj_id, "chat.completion", created, model), "choices": [
-        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
-        for i, (text, finish) in enumerate(choices)], "usage": use}
+        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish}
+        for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))], "usage": use}
 
 
 def chat_chunk(obj_id: str, created: int, model: str, index: int, delta: dict, finish: Optional[str] = None,
-               with_usage: bool = False) -> dict:
+               with_usage: bool = False, logprobs: Optional[dict] = None) -> dict:
     chunk = {**_head(obj_id, "chat.completion.chunk", created, model),
-             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     if with_usage:
         chunk["usage"] = None
     return chunk
 
 
-def completion(obj_id: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+def completion(obj_id: str, created: int, model: str, choices: list[tuple[str, str]], use: dict,
+               logprobs: Optional[list] = None) -> dict:
+    logprobs = logprobs or [None] * len(choices)
     return {**_head(obj_id, "text_completion", created, model), "choices": [
-        {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-        for i, (text, finish) in enumerate(choices)], "usage": use}
+        {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+        for i, ((text, finish), lp) in enumerate(zip(choices, logprobs))], "usage": use}
 
 
 def completion_chunk(obj_id: str, created: int, model: str, index: int, text: str, finish: Optional[str] = None,
-                     with_usage: bool = False) -> dict:
+                     with_usage: bool = False, logprobs: Optional[dict] = None) -> dict:
     chunk = {**_head(obj_id, "text_completion", created, model),
-             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
     if with_usage:
         chunk["usage"] = None
     return chunk

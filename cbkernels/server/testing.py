@@ -113,6 +113,12 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 def engine_greedy(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """The engine's own greedy tokens for these prompts (``cbkernels.generate_batch`` on the
     process-wide default model, EOS as the server sets it)."""
+    return [out.generated_tokens for out in engine_outputs(prompts, max_new_tokens)]
+
+
+def engine_outputs(prompts: list[list[int]], max_new_tokens: int, *, top_logprobs=None) -> list:
+    """The engine's own greedy ``RequestOutput`` for these prompts; with ``top_logprobs``
+    (an int), with the log-probabilities of every token and its alternatives."""
     import cbkernels
     from cbkernels.models import cached_default_model
     from transformers import GenerationConfig
@@ -121,4 +127,5 @@ def engine_greedy(prompts: list[list[int]], max_new_tokens: int) -> list[list[in
     gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[tokenizer.eos_token_id],
                           pad_token_id=tokenizer.eos_token_id)
     config = cbkernels.BatchConfig(num_blocks=256, block_size=16, backend="torch")
-    return [out.generated_tokens for out in cbkernels.generate_batch(model, prompts, gc, config)]
+    extra = {} if top_logprobs is None else {"return_logprobs": True, "top_logprobs": top_logprobs}
+    return cbkernels.generate_batch(model, prompts, gc, config, **extra)

@@ -98,24 +98,33 @@ class ChoiceText:
         self.stop = StopMatcher(stops)
         self.text = ""
         self.num_tokens = 0
+        self.decoded_chars = 0  # characters the decoder has produced (before stop strings)
+        self.offsets: list[int] = []  # per token of the last push: decoded characters before it
 
     @property
     def stopped(self) -> bool:
         return self.stop.stopped is not None
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids) -> str:
+        """Add tokens; return the text delta. ``offsets`` then holds, for each token consumed
+        (a stop string ends the consumption at the token completing it), where its text starts."""
+        self.offsets = []
         if self.stopped:
             return ""
         delta = ""
         for token in ids:  # one at a time, so the count stops at the token that completed a stop string
             self.num_tokens += 1
-            delta += self.stop.push(self.detok.push([token]))
+            self.offsets.append(self.decoded_chars)
+            piece = self.detok.push([token])
+            self.decoded_chars += len(piece)
+            delta += self.stop.push(piece)
             if self.stopped:
                 break
         self.text += delta
         return delta
 
     def finish(self) -> str:
+        self.offsets = []
         delta = "" if self.stopped else self.stop.push(self.detok.flush())
         delta += self.stop.flush()
         self.text += delta
