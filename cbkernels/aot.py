@@ -46,6 +46,15 @@ class CompileResult:
     wgmma: int
     error: str = ""
     triton: str = ""  # the Triton version that compiled it
+    # Static instruction mix of the PTX (each instruction counted once, wherever it sits):
+    # global loads (ld.global), async copies to shared memory (cp.async, cp.async.bulk),
+    # compares (setp), selects (selp), exp2 (ex2), and every instruction.
+    ld_global: int = 0
+    cp_async: int = 0
+    setp: int = 0
+    selp: int = 0
+    ex2: int = 0
+    instructions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -76,6 +85,26 @@ def _ptxas_counts(ptx: str, arch: int) -> tuple[int, int, int]:
     return regs, stores, loads
 
 
+# Opcode families of the instruction mix: CompileResult field -> PTX opcode prefix.
+MIX = {"ld_global": "ld.global", "cp_async": "cp.async", "setp": "setp", "selp": "selp", "ex2": "ex2"}
+
+
+def instruction_mix(ptx: str) -> dict[str, int]:
+    """Static counts of MIX's opcode families and of all instructions in ``ptx`` (directives,
+    labels, braces and comments are not instructions; a predicate guard is skipped)."""
+    opcodes = []
+    for line in ptx.splitlines():
+        line = line.strip()
+        if not line or line[0] in ".{}/" or line.endswith(":"):
+            continue
+        if line.startswith("@"):  # @%p1 ld.global...: the guard, then the opcode
+            line = line.split(None, 1)[1] if " " in line else ""
+        if line:
+            opcodes.append(line.split(None, 1)[0].rstrip(";"))
+    mix = {field: sum(op.startswith(prefix) for op in opcodes) for field, prefix in MIX.items()}
+    return mix | {"instructions": len(opcodes)}
+
+
 def compile_config(config, arch: int) -> CompileResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -102,6 +131,7 @@ def compile_config(config, arch: int) -> CompileResult:
         **base, registers=regs, spill_stores=stores, spill_loads=loads,
         shared_bytes=int(compiled.metadata.shared),
         mma_sync=len(re.findall(r"\bmma\.sync", ptx)), wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        **instruction_mix(ptx),
     )
 
 
@@ -163,13 +193,15 @@ def versions_line(archs=ARCHS) -> str:
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = ("kernel", "arch", "warps", "stages", "regs", "spill st/ld", "smem KB", "mma.sync", "wgmma", "status")
+    header = ("kernel", "arch", "warps", "stages", "regs", "spill st/ld", "smem KB", "mma.sync", "wgmma",
+              "ldg/cp.async/setp/selp/ex2/all", "status")
     rows = [header]
     for r in results:
         status = "ok" if r.ok else (r.error or "SPILL/SMEM")
         rows.append((r.kernel, r.arch, str(r.num_warps), str(r.num_stages), str(r.registers),
                      f"{r.spill_stores}/{r.spill_loads}", f"{r.shared_bytes / 1024:.1f}",
-                     str(r.mma_sync), str(r.wgmma), status))
+                     str(r.mma_sync), str(r.wgmma),
+                     f"{r.ld_global}/{r.cp_async}/{r.setp}/{r.selp}/{r.ex2}/{r.instructions}", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

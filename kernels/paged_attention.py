@@ -25,6 +25,7 @@ Layout of the work
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -48,6 +49,25 @@ _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 _NEG_BIG = tl.constexpr(NEG_BIG)
 _NEG_TWO_LOG2E = tl.constexpr(-2.0 * LOG2E)
+
+@triton.jit
+def _mask_scores(s, k_pos, k_ok, q_pos, window):
+    """-inf where a key is past the sequence, after the row's position, or outside its window."""
+    visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+    return tl.where(visible, s, float("-inf"))
+
+
+# The attention kernel's tile-level fast paths: "1" (default) on, "0" off, so a benchmark can time
+# both in one process (bench/gpu_check.sh). Read at every launch, never stored.
+FAST_PATHS_ENV = "CBKERNELS_ATTN_FAST_PATHS"
+
+
+def fast_paths_enabled() -> bool:
+    value = os.environ.get(FAST_PATHS_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FAST_PATHS_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
 
 @triton.jit
 def _paged_attention_kernel(
@@ -88,6 +108,7 @@ def _paged_attention_kernel(
     IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32)
     UPCAST: tl.constexpr,  # interpreter + bf16 only: compute on fp32 copies of the tiles
     KV_FP8: tl.constexpr,  # fp8 cache: tiles converted (exactly) to q's dtype, scales folded in
+    FAST_PATHS: tl.constexpr,  # interior KV tiles unmasked; False: every tile masked (the kernel as it was)
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -152,6 +173,15 @@ def _paged_attention_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table
     block_mask = (1 << log2_block_size) - 1
     kv_head_off = kv_head.to(tl.int64) * head_dim
+    # Fast path: interior tiles [int_lo, int_hi) are seen in full by every row of the program (at
+    # or below the first row's causal limit, inside the last row's window, hence inside the
+    # sequence), so the (row, key) visibility test and its select are skipped; only the tiles at
+    # the window start, the causal diagonal and the sequence end pay for them. One loop body with
+    # a uniform branch, not a second (masked) loop: two bodies made ptxas spill on sm_80, and so
+    # did a scalar block-table read per tile (docs/kernels.md).
+    if FAST_PATHS:
+        int_lo = tl.maximum(it_begin, tl.cdiv(tl.maximum(first_pos + last_tok // group - window + 1, 0), BLOCK_N))
+        int_hi = tl.minimum(it_end, (first_pos + row_start // group + 1) // BLOCK_N)
     # LOOP_RANGE, not range(): Triton 3.6's interpreter cannot take a tensor as a range() bound
     # (paged_attention_tiles.version_choices). Compiled, LOOP_RANGE is tl.range: the same loop.
     for it in LOOP_RANGE(it_begin, it_end):
@@ -182,9 +212,11 @@ def _paged_attention_kernel(
             s = tl.where(y < 0, -t, t) * softcap_log2
         else:
             s = qk * scale_log2
-        visible = (k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-                   & (k_pos[None, :] > q_pos[:, None] - window))
-        s = tl.where(visible, s, float("-inf"))
+        if FAST_PATHS:
+            if (it < int_lo) | (it >= int_hi):  # a boundary tile
+                s = _mask_scores(s, k_pos, k_ok, q_pos, window)
+        else:
+            s = _mask_scores(s, k_pos, k_ok, q_pos, window)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -286,6 +318,7 @@ def launch_paged_attention(
     (None: ``pick_num_splits``). Split partials go to ``workspace`` when given (a caller that
     captures CUDA graphs passes a buffer that outlives them, sized with ``plan_launch``),
     else to a fresh allocation."""
+    fast_paths = fast_paths_enabled()  # a bad value fails before any work
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     batch = seq_lens.shape[0]
@@ -341,6 +374,7 @@ def launch_paged_attention(
         k_scale if fp8 else sinks_f, v_scale if fp8 else sinks_f, int(fp8 and k_scale.dim() == 1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
         IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast, KV_FP8=fp8,
+        FAST_PATHS=fast_paths and tile.fast_paths,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1:

@@ -19,6 +19,9 @@ from ._common import interpreting, next_power_of_2
 MIN_D_PAD = 64
 # Smallest M of tl.dot on tensor cores (mma.sync m16n8k16): decode tiles pad up to it.
 DECODE_BLOCK_M = 16
+# Rows of the wide decode tile: GQA groups of 17..32 query heads (or a few query tokens of a
+# narrower group) in one program, at fp16/bf16 and D <= 128, instead of the prefill tile.
+WIDE_DECODE_BLOCK_M = 32
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Tile:
     block_n: int  # keys per KV tile
     num_warps: int
     num_stages: int
+    fast_paths: bool = True  # interior KV tiles unmasked (the kernel's FAST_PATHS)
 
 
 def triton_version(text: str = triton.__version__) -> tuple[int, int]:
@@ -94,6 +98,11 @@ else:
 #   registers. At D = 128, M = 128 spilled on sm_80 (255 registers + 20 B spills: mma.sync keeps
 #   the whole accumulator in registers) and sat at 238 on sm_90, so M = 64 (146-188 registers).
 # * D = 256 halves N (and M for decode stays 16): the 256-wide K/V tiles double smem and regs.
+#   Its decode tile runs 8 warps: with the fast path's branch, 4 warps spilled on sm_80 (168
+#   registers, 8 B) where 8 warps take 108-128 registers (sm_80 / sm_90, fp8 caches included).
+# * wide decode (17..32 rows, 2-byte D <= 128): M = 32 with 4 warps, 128-152 registers, where the
+#   prefill tile it replaces holds 64-128 rows on 8 warps at 150-208 registers (one program per
+#   SM on sm_80 at D = 64). D = 128 takes N = 32: N = 64 needed 210 registers.
 # * fp32 inputs run IEEE dots on FMA units, no MMA: M = 64 spilled on sm_80 (420 B at 4 warps),
 #   M = 32 fits (107-154 registers); D = 256 halves M again.
 # * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
@@ -108,10 +117,12 @@ def _tiles(arch: int, choices: VersionChoices = VERSION_CHOICES) -> dict[tuple[s
     return {
         ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages),
         ("decode", 2, 128): Tile(DECODE_BLOCK_M, 64, 4, stages),
-        ("decode", 2, 256): Tile(DECODE_BLOCK_M, 32, 4, 2),
+        ("decode", 2, 256): Tile(DECODE_BLOCK_M, 32, 8, 2),
         ("decode", 4, 64): Tile(DECODE_BLOCK_M, 32, 4, 2),
         ("decode", 4, 128): Tile(DECODE_BLOCK_M, 32, 4, 2),
         ("decode", 4, 256): Tile(DECODE_BLOCK_M, 16, 4, 2),
+        ("decode_wide", 2, 64): Tile(WIDE_DECODE_BLOCK_M, 64, 4, stages),
+        ("decode_wide", 2, 128): Tile(WIDE_DECODE_BLOCK_M, 32, 4, stages),
         ("prefill", 2, 64): Tile(128, 64, 8, prefill_half[64]),
         ("prefill", 2, 128): Tile(64, 64, 8, prefill_half[128]),
         ("prefill", 2, 256): Tile(64, 32, 8, prefill_half[256]),
@@ -166,11 +177,21 @@ def padded_head_dim(head_dim: int) -> int:
     return max(next_power_of_2(head_dim), MIN_D_PAD)
 
 
-def pick_tile(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> Tile:
-    """Decode tile (M = 16) when one sequence's rows x heads fit in it, else the prefill tile."""
-    kind = "decode" if max_seqlen_q * group <= DECODE_BLOCK_M else "prefill"
+def tile_kind(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> tuple[str, int, int]:
+    """The TILES key of a launch: the decode tile (M = 16) when one sequence's rows x heads fit
+    in it, the wide decode tile up to WIDE_DECODE_BLOCK_M rows where one is listed, else prefill."""
+    rows = max_seqlen_q * group
     size = 4 if dtype == torch.float32 else 2
-    return TILES[arch][(kind, size, padded_head_dim(head_dim))]
+    d_pad = padded_head_dim(head_dim)
+    if rows <= DECODE_BLOCK_M:
+        return "decode", size, d_pad
+    if rows <= WIDE_DECODE_BLOCK_M and ("decode_wide", size, d_pad) in TILES[arch]:
+        return "decode_wide", size, d_pad
+    return "prefill", size, d_pad
+
+
+def pick_tile(arch: int, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, group: int) -> Tile:
+    return TILES[arch][tile_kind(arch, dtype, head_dim, max_seqlen_q, group)]
 
 
 def num_virtual_tiles(num_tokens: int, batch: int, group: int, block_m: int, max_seqlen_q: int) -> int:
@@ -241,5 +262,5 @@ def _attention_signature(dtype: str, index: str, cache: str | None = None) -> di
         "store_lse": "i32", "num_splits": "i32", "one_tile_per_seq": "i32",
         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "scale_stride": "i32",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "D_PAD": "constexpr",
-        "IEEE_DOT": "constexpr", "UPCAST": "constexpr", "KV_FP8": "constexpr",
+        "IEEE_DOT": "constexpr", "UPCAST": "constexpr", "KV_FP8": "constexpr", "FAST_PATHS": "constexpr",
     }

@@ -84,8 +84,9 @@ def test_gate_names_the_triton_it_ran_on(gate):
 
 # Head dims the launcher accepts (16..256, multiples of 8) reduce to the three pads.
 _HEAD_DIMS = (16, 40, 64, 96, 128, 200, 256)
-# (max_seqlen_q, group): one decode token, a decode filling the 16-row tile exactly, prefills.
-_SHAPES = ((1, 1), (1, 16), (2, 16), (1, 32), (300, 4))
+# (max_seqlen_q, group): one decode token, a decode filling the 16-row tile exactly, two tokens or
+# 32 heads (the wide decode tile at fp16/bf16 D <= 128), a group of 64, prefills.
+_SHAPES = ((1, 1), (1, 16), (2, 16), (1, 32), (1, 64), (300, 4))
 
 
 def _config_name(kind: str, dtype: torch.dtype, d_pad: int, tile, kv: str = "") -> str:
@@ -106,7 +107,7 @@ def test_gate_configs_are_exactly_the_launchers_picks():
             for head_dim in _HEAD_DIMS:
                 for max_seqlen_q, group in _SHAPES:
                     tile = tiles.pick_tile(arch, dtype, head_dim, max_seqlen_q, group)
-                    kind = "decode" if max_seqlen_q * group <= tiles.DECODE_BLOCK_M else "prefill"
+                    kind = tiles.tile_kind(arch, dtype, head_dim, max_seqlen_q, group)[0]
                     d_pad = tiles.padded_head_dim(head_dim)
                     picked.add((_config_name(kind, dtype, d_pad, tile), arch))
                     # fp8 caches run the tile of their query dtype (fp16 / bf16 on CUDA).
