@@ -10,6 +10,7 @@ from pathlib import Path
 from ..prompts import PromptError, collect_prompts, encode
 from ..engine.metrics import percentile
 from ..engine.scheduler_names import SCHEDULER_NAMES
+from . import tensor_parallel as tp
 from .common import UsageError, load_model_for_cli
 
 # Cache blocks added to what the workload needs, so a prefill chunk never waits on the last block.
@@ -109,6 +110,7 @@ def _stream_one(engine, tok, rid) -> None:
 
 def run_generate(args) -> int:
     check_numbers(args)
+    tp.check(args)
     if args.cache_dir:
         from ..model_cache import use_cache_dir
 
@@ -123,7 +125,10 @@ def run_generate(args) -> int:
     from ..engine import BatchConfig
     from ..engine import Engine
 
-    model, tok, device = load_model_for_cli(args.model, args.device, allow_pickle=args.allow_pickle)
+    if args.tp > 1:
+        model, tok, device = tp.load(args)
+    else:
+        model, tok, device = load_model_for_cli(args.model, args.device, allow_pickle=args.allow_pickle)
     encoded = [encode(tok, p) for p in prompts]
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
@@ -131,7 +136,9 @@ def run_generate(args) -> int:
     num_blocks = args.num_blocks or workload_blocks([len(e) for e in encoded], args.max_new_tokens, args.block_size)
     config = BatchConfig(num_blocks=num_blocks, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
-    engine = Engine(model, config)
+    engine = tp.make_engine(model, config) if args.tp > 1 else Engine(model, config)
+    if not tp.leads(engine):
+        return tp.follow_and_exit(engine)
     print(f"cbkernels generate: {len(prompts)} prompt(s) on {device}, backend {engine.backend}, "
           f"{num_blocks} cache blocks of {args.block_size}", file=sys.stderr)
 
@@ -144,6 +151,9 @@ def run_generate(args) -> int:
     else:
         outputs = engine.generate(encoded, gen_config, progress_bar=not args.quiet)
     wall = time.perf_counter() - start
+    if args.tp > 1:  # the other ranks stop following
+        engine.stop()
+        tp.finish()
     answers = [tok.decode(o.generated_tokens, skip_special_tokens=True) for o in outputs]
     if not streaming:
         for i, (prompt, out, answer) in enumerate(zip(prompts, outputs, answers), start=1):
@@ -195,4 +205,5 @@ def add_parser(sub) -> None:
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt's tokens")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="PATH", help="write prompts, answers and metrics as JSON")
+    tp.add_argument(p)
     p.set_defaults(func=run_generate)

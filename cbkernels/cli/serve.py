@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..engine.scheduler_names import SCHEDULER_NAMES
+from . import tensor_parallel as tp
 from .common import UsageError
 
 API_KEY_ENV = "CBKERNELS_API_KEY"
@@ -40,6 +41,7 @@ def _check(args) -> None:
 
 def run_serve(args) -> int:
     _check(args)
+    tp.check(args)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -66,17 +68,27 @@ def run_serve(args) -> int:
                              scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    model, tokenizer, device = load_model_for_cli(args.model, args.device, allow_pickle=args.allow_pickle)
+    if args.tp > 1:  # every rank loads its shard; rank 0 serves HTTP, the others follow its steps
+        model, tokenizer, device = tp.load(args)
+        engine = tp.make_engine(model, config)
+        if not tp.leads(engine):
+            return tp.follow_and_exit(engine)
+    else:
+        model, tokenizer, device = load_model_for_cli(args.model, args.device, allow_pickle=args.allow_pickle)
+        engine = Engine(model, config)
     name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None else Path(args.model).name)
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     settings = ServerSettings(model_name=name, api_key=api_key, metrics_public=args.metrics_public,
                               max_waiting=args.max_queue, max_body_bytes=args.max_request_bytes,
                               drain_timeout_s=args.drain_timeout)
-    engine = Engine(model, config)
     print(f"cbkernels serve: {name} on {device}, backend {engine.backend}, {engine.cache.num_blocks} cache blocks "
           f"of {args.block_size} tokens, http://{args.host}:{args.port}/v1", flush=True)
-    return run_server(engine, tokenizer, settings, host=args.host, port=args.port, log_level=args.log_level,
+    code = run_server(engine, tokenizer, settings, host=args.host, port=args.port, log_level=args.log_level,
                       access_log=args.access_log)
+    if args.tp > 1:  # the other ranks stop following
+        engine.stop()
+        tp.finish()
+    return code
 
 
 def add_parser(sub) -> None:
@@ -111,4 +123,5 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (unsafe: runs code)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    tp.add_argument(p)
     p.set_defaults(func=run_serve)

@@ -101,6 +101,11 @@ class SingleRank:
 _SINGLE = SingleRank()
 
 
+def is_rank0(engine) -> bool:
+    """True unless ``engine`` is a tensor-parallel engine on a rank other than 0."""
+    return engine._tp.is_driver
+
+
 def attach(engine):
     """The engine's control plane: a ``ControlPlane`` when its model is tensor parallel."""
     tp = engine.cache.tp
