@@ -60,7 +60,13 @@ def make_engine(model, config):
 
 
 def follow_and_exit(engine) -> int:
-    """A rank other than 0: run rank 0's steps until it stops, then leave the group."""
+    """A rank other than 0: run rank 0's steps until it stops, then leave the group. SIGINT
+    and SIGTERM (torchrun forwards them to every rank) are left to rank 0, which drains its
+    requests and then stops the others."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     engine.stop()
     finish()
     return 0
