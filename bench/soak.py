@@ -1,8 +1,9 @@
 """Soak test: thousands of requests with random lengths against a deliberately small cache on
 a tiny random-weight Llama (CPU), prefix caching on, with hostile requests, cancellations and
-injected forward faults mixed in. Checks that every request completes or fails with a reason
-(none lost, none duplicated), that no cache block leaks, how long the longest wait was, and
-how much resident memory grew after warm-up.
+injected forward faults mixed in, in ``--priorities`` priority classes. Checks that every
+request completes or fails with a reason (none lost, none duplicated), that no cache block
+leaks, how long the longest wait was (overall and per priority: aging means none starves),
+and how much resident memory grew after warm-up.
 
     python bench/soak.py --requests 3000 --scheduler fifo --seed 0
 Writes bench/results/soak-<scheduler>-<date>.json (summary) and .csv (one row per request).
@@ -98,7 +99,7 @@ class RowStore:
     own bookkeeping does not grow resident memory while the engine is measured; the rows
     are assembled as dicts only after the last RSS reading."""
 
-    INT_FIELDS = ("prompt_len", "max_new_tokens", "generated", "arrival_step", "first_scheduled_step",
+    INT_FIELDS = ("prompt_len", "max_new_tokens", "generated", "priority", "arrival_step", "first_scheduled_step",
                   "preemptions", "prefix_hit_tokens", "kind", "status", "finish_reason", "error")
     FLOAT_FIELDS = ("wait_s", "ttft_s")
 
@@ -117,6 +118,7 @@ class RowStore:
     def record(self, i: int, r, kind: str) -> None:
         out = r.to_output()
         values = dict(prompt_len=r.prompt_len, max_new_tokens=r.params.max_new_tokens, generated=len(r.generated),
+                      priority=r.priority,
                       arrival_step=r.arrival_step, preemptions=r.num_preemptions, prefix_hit_tokens=r.prefix_hit_tokens,
                       first_scheduled_step=-1 if r.first_scheduled_step is None else r.first_scheduled_step,
                       kind=self._code("kind", kind), status=self._code("status", r.status.value),
@@ -149,12 +151,14 @@ class RowStore:
 
 def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault_rate: float = FAULT_RATE,
              spot_checks: int = SPOT_CHECKS, progress: bool = True,
-             async_scheduling: bool = False) -> tuple[dict, list[dict]]:
+             async_scheduling: bool = False, priorities: int = 3,
+             admission: str = "greedy") -> tuple[dict, list[dict]]:
     rng = random.Random(seed)
+    prio_rng = random.Random(seed + 3)  # its own stream: the requests are those of a 1-priority run
     model = tiny_llama(vocab=VOCAB, seed=seed)
     config = BatchConfig(backend="torch", num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
                          max_batch_tokens=MAX_BATCH_TOKENS, max_num_seqs=MAX_NUM_SEQS, scheduler=scheduler,
-                         prefix_caching=True, async_scheduling=async_scheduling)
+                         prefix_caching=True, async_scheduling=async_scheduling, admission=admission)
     engine = Engine(model, config)
     specs = make_requests(num_requests, rng)
     faults = FaultInjector(model, fault_rate, random.Random(seed + 1))
@@ -174,7 +178,8 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
         for _ in range(rng.randint(0, 3)):  # bursty arrivals, 1.5 per step on average
             if next_spec < len(specs):
                 prompt, max_new, kind = specs[next_spec]
-                rid = engine.add_request(prompt, _gc(max_new), request_id=f"s{next_spec}")
+                rid = engine.add_request(prompt, _gc(max_new), request_id=f"s{next_spec}",
+                                         priority=prio_rng.randrange(priorities))
                 added += 1
                 live.add(rid)
                 kinds[rid] = kind
@@ -216,11 +221,17 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
     fresh = Engine(model, BatchConfig(backend="torch"))
     mismatches = sum(fresh.generate([prompt], _gc(max_new))[0].generated_tokens != generated
                      for prompt, max_new, generated in checked)
-    # Starvation: how many later arrivals got scheduled before a request (FIFO keeps this ~0;
-    # overload alone makes waits long but never lets a request be overtaken indefinitely).
-    order = sorted((r["arrival_step"], i, r["first_scheduled_step"]) for i, r in enumerate(rows)
-                   if r["wait_steps"] is not None)
-    overtaken = [sum(1 for _, _, later in order[k + 1:] if later < first) for k, (_, _, first) in enumerate(order)]
+    # Starvation: how many later arrivals of the same priority got scheduled before a request
+    # (FIFO within a priority keeps this ~0; overload alone makes waits long but never lets a
+    # request be overtaken indefinitely). Across priorities aging bounds the wait.
+    overtaken = []
+    for prio in range(priorities):
+        order = sorted((r["arrival_step"], i, r["first_scheduled_step"]) for i, r in enumerate(rows)
+                       if r["wait_steps"] is not None and r["priority"] == prio)
+        overtaken += [sum(1 for _, _, later in order[k + 1:] if later < first) for k, (_, _, first) in enumerate(order)]
+    by_prio = {f"priority {p}": max((r["wait_steps"] for r in rows if r["wait_steps"] is not None
+                                     and r["priority"] == p), default=None) for p in range(priorities)}
+    by_prio = {k: v for k, v in by_prio.items() if v is not None}
     statuses = Counter(r["status"] for r in rows)
     failures = Counter(_reason_kind(r["error"]) for r in rows if r["status"] == S.FAILED.value)
     waits = [r for r in rows if r["wait_steps"] is not None]
@@ -246,6 +257,7 @@ def run_soak(num_requests: int, seed: int = 0, scheduler: str = "fifo", *, fault
         prefix_hit_rate=round(engine.cache.prefix_hit_rate(), 4),
         longest_wait_steps=longest["wait_steps"] if longest else None,
         longest_wait_s=round(max(r["wait_s"] for r in waits), 4) if waits else None,
+        priorities=priorities, admission=admission, longest_wait_steps_by_priority=by_prio,
         max_overtaken=max(overtaken, default=0),
         longest_ttft_s=round(max((r["ttft_s"] for r in rows if r["ttft_s"] is not None), default=0.0), 4),
         rss_warm_mib=round((rss_warm or rss_end) / 2**20, 1), rss_end_mib=round(rss_end / 2**20, 1),
@@ -287,13 +299,18 @@ def main(argv=None) -> int:
     parser.add_argument("--fault-rate", type=float, default=FAULT_RATE)
     parser.add_argument("--async-scheduling", action="store_true",
                         help="overlap host and device work (read tokens back one step later)")
+    parser.add_argument("--priorities", type=int, default=3, help="priority classes (0 .. N-1, drawn uniformly)")
+    parser.add_argument("--admission", choices=["greedy", "predictive"], default="greedy")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.priorities < 1:
+        parser.error(f"--priorities must be >= 1, got {args.priorities}")
     torch.set_num_threads(1)
     bad = 0
     for scheduler in (["fifo", "prefill_first"] if args.scheduler == "both" else [args.scheduler]):
         summary, rows = run_soak(args.requests, args.seed, scheduler, fault_rate=args.fault_rate,
-                                 async_scheduling=args.async_scheduling)
+                                 async_scheduling=args.async_scheduling, priorities=args.priorities,
+                                 admission=args.admission)
         print_table(summary)
         print("wrote", write_results(summary, rows, args.out))
         bad += summary["lost"] + summary["duplicated"] + summary["leaked_blocks"] + summary["failures_without_reason"]

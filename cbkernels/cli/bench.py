@@ -12,6 +12,9 @@
   scheduling, metadata and sampling around the forward is what is measured).
 * ``startup``: wall time of ``cbkernels generate`` in fresh processes, cold (one-time model
   conversion) and warm (not part of ``all``).
+* ``schedule``: greedy against predictive admission and fixed against adaptive step budget
+  under Poisson arrivals, three output-length workloads (not part of ``all``; ``--quick``:
+  a small sample on the tiny model only).
 
 Each writes CSV + PNG files under ``--out`` (default bench/results in a checkout).
 """
@@ -93,6 +96,11 @@ def run_bench(args) -> int:
         model, prompts, gc = _model_and_prompts(args)
         run_fp8(model, prompts, gc, out_dir=out)
         return 0
+    if args.part == "schedule":
+        from ..benchmarks.schedule import run_schedule
+
+        run_schedule(out_dir=out, quick=args.quick)
+        return 0
     if args.part == "host":
         from ..benchmarks.host import run_host
 
@@ -129,7 +137,7 @@ def run_bench(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: peers side by side, throughput-latency sweep, padding, kernels",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "overlap", "serve", "fp8", "all"), default="all")
+    p.add_argument("part", nargs="?", choices=PARTS + ("startup", "host", "overlap", "serve", "fp8", "schedule", "all"), default="all")
     p.add_argument("--out", help="directory for CSV and PNG files (default bench/results)")
     p.add_argument("--model", help="local model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", help="where GGUF models are converted once and loaded from "

@@ -83,7 +83,19 @@ def metrics_rows(outputs, wall_s: float, engine_metrics: dict) -> list[tuple[str
         ("padding saved vs padded steps", f"{100 * engine_metrics['padding_saved']:.0f}%"),
         ("compute vs one static padded batch", static_batch_ratio(outputs, engine_metrics["computed_tokens"])),
         ("preemptions", str(engine_metrics["preemptions"])),
+        ("recomputed tokens (preemption)", str(engine_metrics.get("recomputed_tokens", "-"))),
+        ("output length prediction error", _share(engine_metrics.get("length_prediction_error"))),
+        ("admissions deferred by prediction", str(engine_metrics.get("admissions_deferred_by_prediction", "-"))),
+        ("step budget (mean tokens)", _tokens(engine_metrics.get("step_budget_mean_tokens"))),
     ]
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}% (mean |predicted - actual| / actual)"
+
+
+def _tokens(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def print_table(rows, file=sys.stdout) -> None:

@@ -13,7 +13,8 @@ fill (the partly written last block).
 A request still running past its predicted end is a miss: its length is predicted again
 (conditioned on what it has generated so far). A preemption means the demand was
 underestimated: the margin (the share of the cache admission keeps back) grows by
-``MARGIN_STEP``; it shrinks by ``MARGIN_DECAY`` every step without one. Preemption stays
+``MARGIN_STEP`` after a step that preempted; it shrinks by ``MARGIN_DECAY`` every step
+without a preemption. Preemption stays
 the fallback when predictions are wrong.
 
 The check runs when a request is at the head of the queue; a deferred head is checked
@@ -26,11 +27,11 @@ import numpy as np
 
 from .length_model import LengthModel
 
-MARGIN_STEP = 0.05
-MARGIN_DECAY = 0.995
-MAX_MARGIN = 0.5
+MARGIN_STEP = 0.02
+MARGIN_DECAY = 0.99
+MAX_MARGIN = 0.3
 RECHECK_STEPS = 8
-QUANTILE = 0.7
+QUANTILE = 0.5
 
 
 class PredictiveAdmission:
@@ -52,6 +53,7 @@ class PredictiveAdmission:
         self.deferred = 0  # requests whose admission waited for predicted demand to fit
         self._removals = 0
         self._deferred_head = None  # (request, removals, step) of the last deferral
+        self._preempted = False  # in the step being scheduled
 
     # ------------------------------------------------------------------ slots
     def _slot(self) -> int:
@@ -94,10 +96,15 @@ class PredictiveAdmission:
         self._removals += 1
 
     def on_preemption(self) -> None:
-        self.margin = min(MAX_MARGIN, self.margin + MARGIN_STEP)
+        self._preempted = True
 
     def tick(self) -> None:
-        self.margin *= MARGIN_DECAY
+        """A new step: adapt the margin to whether the last one preempted."""
+        if self._preempted:
+            self.margin = min(MAX_MARGIN, self.margin + MARGIN_STEP)
+        else:
+            self.margin *= MARGIN_DECAY
+        self._preempted = False
 
     # ------------------------------------------------------------------ the check
     def _repredict_misses(self, step: int) -> None:

@@ -21,10 +21,12 @@ when it was admitted: the prediction error is an engine metric.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Optional
 
 BINS = 64
-MIN_SAMPLES = 16
+MIN_SAMPLES = 8
+ERROR_WINDOW = 1024  # the prediction error is over this many most recent finished requests
 HALF_LIFE = 1024
 
 
@@ -119,8 +121,8 @@ class LengthModel:
         self._prompts = [0.0] * 40  # prompt lengths in power-of-two bins
         self.observed = 0
         self.scored = 0
-        self.abs_error_tokens = 0.0  # sum of |predicted - actual| over scored requests
-        self.rel_error = 0.0  # sum of |predicted - actual| / actual
+        # (|predicted - actual|, that / actual) of the most recent scored requests
+        self._errors: deque = deque(maxlen=ERROR_WINDOW)
 
     def _histograms(self, prompt_len: int, max_new: int) -> tuple[Histogram, Histogram]:
         mb, pb = bucket_of(max_new), bucket_of(prompt_len)
@@ -145,8 +147,7 @@ class LengthModel:
         if predicted is not None:
             err = abs(predicted - output_len)
             self.scored += 1
-            self.abs_error_tokens += err
-            self.rel_error += err / output_len
+            self._errors.append((err, err / output_len))
 
     def predict(self, prompt_len: int, max_new: int, generated: int = 0, q: float = 0.5) -> int:
         """Predicted total output tokens of a request that has generated ``generated`` so far
@@ -181,11 +182,13 @@ class LengthModel:
 
     @property
     def mean_abs_error_tokens(self) -> Optional[float]:
-        return self.abs_error_tokens / self.scored if self.scored else None
+        """Mean |predicted - actual| output tokens over the recent scored requests."""
+        return sum(e for e, _ in self._errors) / len(self._errors) if self._errors else None
 
     @property
     def mean_rel_error(self) -> Optional[float]:
-        return self.rel_error / self.scored if self.scored else None
+        """Mean |predicted - actual| / actual over the recent scored requests."""
+        return sum(r for _, r in self._errors) / len(self._errors) if self._errors else None
 
     def num_histograms(self) -> int:
         return len(self._fine) + len(self._coarse)
