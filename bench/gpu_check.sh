@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared run on a lent CUDA machine (docs/gpu-check.md). Steps in order of value:
 #   versions; install; the early stop (compile gate for this arch, one compiled selfcheck);
-#   decode + prefill microbenchmarks with their verdict; fp8 against bf16 decode (4k-32k);
+#   decode + prefill microbenchmarks with their verdict (the attention fast path before/after too); fp8 against bf16 decode (4k-32k);
 #   KV-cache copies; the engine (overlap, then peers); a sample of the CUDA tests covering
 #   every kernel once per dtype; the verdict table.
 # Each step has its own limit and the limits add up to STEP_BUDGET_S (480 s) or less, so the
@@ -97,14 +97,16 @@ step compile-gate 95 python3 -m cbkernels.aot --quiet --arch "$ARCH" \
 # One compiled launch of each kernel (KV cache and attention, bf16) against the reference.
 step selfcheck 30 cbkernels selfcheck --device cuda --dtype bfloat16 \
   || stop "a compiled kernel failed or disagreed with the reference (selfcheck above)"
-# Decode GB/s against the HBM ceiling, prefill TFLOP/s against SDPA-flash: verdict lines.
-step paged-attention-bench 75 python3 bench/bench_paged_attention.py --quick --out "$OUT" --verdicts "$VERDICTS"
+# Decode GB/s against the HBM ceiling; the attention fast path before/after
+# (CBKERNELS_ATTN_FAST_PATHS=0 vs 1) and the wide decode tile; prefill TFLOP/s against SDPA-flash:
+# verdict lines, each written as it is measured.
+step paged-attention-bench 90 python3 bench/bench_paged_attention.py --quick --fast-paths --out "$OUT" --verdicts "$VERDICTS"
 # bf16 against fp8 (e4m3, e5m2) caches at 4k-32k context: GB/s of bytes read, tokens/s, the 1.7x goal.
 step fp8-decode 50 python3 bench/bench_fp8_decode.py --out "$OUT" --verdicts "$VERDICTS"
-step kv-cache-bench 25 python3 bench/bench_kv_cache.py --out "$OUT"
+step kv-cache-bench 20 python3 bench/bench_kv_cache.py --out "$OUT"
 # Engine with and without asynchronous scheduling (tokens/s, host ms per step, cache sizing).
 step engine-overlap 40 cbkernels bench overlap --random-llama 4 --prompts 64 --max-new-tokens 32 --quiet --out "$OUT"
-step engine-bench 45 cbkernels bench peers --random-llama 4 --prompts 48 --max-new-tokens 48 --quiet --skip-default-peer --out "$OUT"
+step engine-bench 35 cbkernels bench peers --random-llama 4 --prompts 48 --max-new-tokens 48 --quiet --skip-default-peer --out "$OUT"
 # Every kernel once per dtype on the compiled kernels: scatter / gather / copy (fp16, bf16, fp32
 # and both fp8 formats), attention per dtype and head dim, fp8 attention over mixed batches.
 step cuda-tests 50 pytest -q -p no:cacheprovider tests/test_kv_cache.py tests/test_paged_attention.py tests/test_fp8.py \

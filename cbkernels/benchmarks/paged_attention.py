@@ -5,14 +5,17 @@ On CUDA:
   (Hq, Hkv) x head_dim x block_size, bf16; the cost of paging (shuffled block table vs an
   identity one, and vs SDPA on contiguous K/V);
 * prefill and a mixed batch: TFLOP/s against torch SDPA (flash backend) on the same data laid out
-  dense, and against FlexAttention reading the paged cache through a mask_mod.
+  dense, and against FlexAttention reading the paged cache through a mask_mod;
+* ``--fast-paths``: the kernel's tile-level fast path before/after (CBKERNELS_ATTN_FAST_PATHS=0
+  against 1, same process, same inputs) on decode, windowed decode, chunked and whole prefill, and
+  the wide decode tile (32 query heads per KV head) against 16 heads reading the same K/V bytes.
 Timing: triton.testing.do_bench, rotating over enough input copies to exceed L2 (50 MB).
 Writes a table to stdout and CSV + PNG under bench/results/ (GPU name and date in the name).
 
 On CPU there is nothing to time honestly: it says so, checks and times the torch fallback against
 the float64 reference on tiny shapes, writes that CSV and exits 0.
 
-Usage: python bench/bench_paged_attention.py [--quick]
+Usage: python bench/bench_paged_attention.py [--quick] [--fast-paths]
 """
 from __future__ import annotations
 
@@ -28,67 +31,19 @@ from cbkernels.ops import torch_path as _torch_ops
 from cbkernels.reference.paged_attention import paged_attention as reference
 from cbkernels.testing import TOLERANCES
 
+from .attention_fast_paths import COLUMNS as FAST_PATH_COLUMNS, bench_fast_paths
 from .common import H100_COPY_CEILING_GBPS as HBM_CEILING_GBPS, device_name, print_table, pyplot, result_path, write_csv
-# Inputs are rotated until their bytes exceed this, so timings never come from a warm L2
-# (H100 L2 is 50 MB).
-L2_BYTES = 50 * 1024**2
+from .paged_inputs import (  # noqa: F401  (re-exported: the fp8 benchmark shares them)
+    L2_BYTES, MAX_ROTATION_COPIES, _attend, _bytes_of, _paged_inputs, _rotating_bench, append_verdict,
+)
 # Caches beyond this fraction of free GPU memory are skipped (copies for rotation included).
 MEMORY_FRACTION = 0.6
-MAX_ROTATION_COPIES = 16
 
 DECODE_SWEEP = dict(batch=(1, 8, 64, 256), context=(512, 4096, 32768), heads=((32, 32), (32, 8), (64, 8)),
                     head_dim=(64, 128), block=(16, 64))
 DECODE_QUICK = dict(batch=(8, 64), context=(4096,), heads=((32, 8),), head_dim=(128,), block=(16,))
 PREFILL_SWEEP = dict(seqs=((1, 4096), (4, 2048), (16, 512)), heads=((32, 8), (32, 32)), head_dim=(64, 128))
 PREFILL_QUICK = dict(seqs=((4, 2048),), heads=((32, 8),), head_dim=(128,))
-
-
-# --------------------------------------------------------------------------- paged inputs on GPU
-def _paged_inputs(lengths, hq, hkv, d, block, dtype, device, *, shuffle=True, seed=0):
-    """A paged batch without poison (too slow at benchmark sizes): random data, random tables."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    blocks = [math.ceil(kv / block) for _, kv in lengths]
-    num_blocks = sum(blocks) + 1
-    order = torch.randperm(num_blocks, device=device, generator=gen) if shuffle else torch.arange(num_blocks, device=device)
-    tables = torch.zeros(len(lengths), max(blocks), dtype=torch.int32, device=device)
-    cursor = 0
-    for b, n in enumerate(blocks):
-        tables[b, :n] = order[cursor:cursor + n].to(torch.int32)
-        cursor += n
-    k_cache = torch.randn(num_blocks, block, hkv, d, dtype=dtype, device=device, generator=gen)
-    v_cache = torch.randn(num_blocks, block, hkv, d, dtype=dtype, device=device, generator=gen)
-    q_lens = [q for q, _ in lengths]
-    q = torch.randn(sum(q_lens), hq, d, dtype=dtype, device=device, generator=gen)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(torch.tensor(q_lens, device=device), 0)
-    seq_lens = torch.tensor([kv for _, kv in lengths], dtype=torch.int32, device=device)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=tables, seq_lens=seq_lens, cu_seqlens_q=cu,
-                max_seqlen_q=max(q_lens), max_seqlen_k=max(kv for _, kv in lengths))
-
-
-def _bytes_of(inp) -> int:
-    return sum(t.numel() * t.element_size() for t in inp.values() if isinstance(t, torch.Tensor))
-
-
-def _rotating_bench(make, count_bytes: int):
-    """Time ``make(i)()`` callables, cycling over enough copies to defeat L2."""
-    import triton.testing
-
-    copies = max(1, min(MAX_ROTATION_COPIES, math.ceil(L2_BYTES / max(count_bytes, 1))))
-    fns = [make(i) for i in range(copies)]
-    state = {"i": 0}
-
-    def run():
-        fns[state["i"] % copies]()
-        state["i"] += 1
-
-    return triton.testing.do_bench(run, warmup=25, rep=100)  # ms
-
-
-def _attend(inp, out):
-    return lambda: cbkernels.paged_attention(
-        inp["q"], inp["k_cache"], inp["v_cache"], inp["block_tables"], inp["seq_lens"], inp["cu_seqlens_q"],
-        out=out, max_seqlen_q=inp["max_seqlen_q"], max_seqlen_k=inp["max_seqlen_k"])
 
 
 def _sdpa_ms(fn, nbytes: int) -> float:
@@ -298,15 +253,6 @@ DECODE_PCT_GOAL = 80.0
 PREFILL_VS_SDPA_GOAL = 0.8
 
 
-def append_verdict(path, measure: str, goal: str, value: str, ok: bool) -> None:
-    """One line of gpu_check's verdict table, written as soon as it is measured (JSON lines)."""
-    import json
-
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"measure": measure, "goal": goal, "value": value, "pass": bool(ok)}) + "\n")
-
-
 def _verdicts(path, decode: list[dict], prefill: list[dict]) -> None:
     if decode:
         best = max(decode, key=lambda r: r["pct_ceiling"])
@@ -324,11 +270,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sweep")
     parser.add_argument("--out", help="result directory (default bench/results)")
     parser.add_argument("--verdicts", help="append gpu_check verdict lines (JSON) to this file")
+    parser.add_argument("--fast-paths", action="store_true",
+                        help="also time the fast path before/after and the wide decode tile (after decode)")
     args = parser.parse_args(argv)
     out_dir = args.out  # None: bench/results
     if not torch.cuda.is_available():
         print("No CUDA device: the Triton kernel cannot be timed here (the interpreter measures Python, "
               "not the kernel). Checking and timing the CPU torch fallback against the fp64 reference instead.")
+        if args.fast_paths:
+            print("--fast-paths: the before/after of the compiled kernel needs CUDA; not measured here.")
         rows = bench_cpu()
         print_table(rows, ["kind", "dtype", "batch", "fallback_ms", "reference_ms", "max_abs_err", "match"])
         csv_path = result_path("paged_attention", "csv", out_dir)
@@ -340,6 +290,13 @@ def main(argv=None) -> int:
     print_table(decode, ["batch", "context", "hq", "hkv", "head_dim", "block", "ms", "gbps", "pct_ceiling",
                           "paging_cost_pct", "vs_sdpa_pct"])
     _verdicts(args.verdicts, decode, [])
+    if args.fast_paths:
+        fast = bench_fast_paths(args.verdicts)
+        print()
+        print_table(fast, FAST_PATH_COLUMNS)
+        fast_csv = result_path("paged_attention_fast_paths", "csv", out_dir)
+        write_csv(fast_csv, fast)
+        print(f"wrote {fast_csv}")
     prefill = bench_prefill(PREFILL_QUICK if args.quick else PREFILL_SWEEP)
     print()
     print_table(prefill, ["kind", "batch", "context", "hq", "hkv", "head_dim", "ms", "tflops", "vs_sdpa_flash",
