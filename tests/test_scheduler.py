@@ -14,16 +14,16 @@ FAKE_TOKEN = 3
 
 
 class Driver:
-    def __init__(self, cls, num_blocks, max_batch_tokens, prefix=True):
+    def __init__(self, cls, num_blocks, max_batch_tokens, prefix=True, **options):
         self.cache = PagedAttentionCache(num_blocks, BLOCK, max_batch_tokens, num_layers=1, num_kv_heads=1,
                                          head_dim=8, prefix_caching=prefix)
-        self.sched = cls(self.cache, max_batch_tokens, max_num_seqs=4)
+        self.sched = cls(self.cache, max_batch_tokens, max_num_seqs=4, **options)
         self.next_pos: dict[str, int] = {}  # where the next chunk of each admitted request must start
         self.done: list[Request] = []
         self.n = 0
 
-    def add(self, prompt, max_new):
-        req = Request(f"r{self.n}", len(prompt), list(prompt), SamplingParams(max_new_tokens=max_new))
+    def add(self, prompt, max_new, priority=0):
+        req = Request(f"r{self.n}", len(prompt), list(prompt), SamplingParams(max_new_tokens=max_new), priority=priority)
         self.n += 1
         self.sched.add(req)
         return req
@@ -43,6 +43,7 @@ class Driver:
             self.next_pos[req.request_id] = start + n
             sampled.append(FAKE_TOKEN if start + n == len(req.tokens) else None)
         finished = self.sched.postprocess(batch, sampled, 0.0)
+        self.sched.observe_step(batch, 1e-5 * (10 + batch.total_tokens))  # a step costs its tokens
         for req in finished:
             assert req.status is S.FINISHED and req.stop_reason() is not None
             self.next_pos.pop(req.request_id)
@@ -103,13 +104,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.d = None
 
     @initialize(cls=st.sampled_from([FIFOScheduler, PrefillFirstScheduler]), blocks=st.integers(3, 16),
-                budget=st.integers(1, 12), prefix=st.booleans())
-    def configure(self, cls, blocks, budget, prefix):
-        self.d = Driver(cls, blocks, budget, prefix)
+                budget=st.integers(1, 12), prefix=st.booleans(), admission=st.sampled_from(["greedy", "predictive"]),
+                itl=st.sampled_from([None, 0.05]))
+    def configure(self, cls, blocks, budget, prefix, admission, itl):
+        self.d = Driver(cls, blocks, budget, prefix, admission=admission, target_itl_ms=itl, aging_steps=3)
 
-    @rule(shared=st.booleans(), n=st.integers(1, 14), max_new=st.integers(1, 6))
-    def add(self, shared, n, max_new):
-        self.d.add(([1, 2, 3, 4, 5] if shared else []) + [9] * n, max_new)
+    @rule(shared=st.booleans(), n=st.integers(1, 14), max_new=st.integers(1, 6), priority=st.integers(-1, 2))
+    def add(self, shared, n, max_new, priority):
+        self.d.add(([1, 2, 3, 4, 5] if shared else []) + [9] * n, max_new, priority)
+
 
     @rule()
     def step(self):
@@ -125,6 +128,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(self.d.cache.allocators[0].block_table(req.request_id)) * BLOCK >= req.num_computed
         for req in self.d.sched.waiting:
             assert req.num_computed == 0 and not self.d.cache.allocators[0].block_table(req.request_id)
+            assert req.admission_slot == -1
+        p = self.d.sched.predictive
+        if p is not None:  # exactly the running requests hold admission slots
+            assert {p.owner[s] for s in range(len(p.alive)) if p.alive[s]} == set(self.d.sched.running)
+            assert 0.0 <= p.margin <= 0.5
+        assert 1 <= self.d.sched.last_budget <= self.d.sched.max_batch_tokens
 
     def teardown(self):
         if self.d is not None:

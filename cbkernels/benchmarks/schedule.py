@@ -7,12 +7,15 @@ them apart. Each request ends at its drawn length through its stop check (as a s
 would end it), so the scheduler does not know the length in advance. Requests arrive as a
 Poisson process at ``OVERLOAD`` times the rate greedy admission serves them (measured first
 on the same workload, all requests at once), in three priority classes; the cache is small
-enough that greedy admission preempts.
+enough that greedy admission preempts. Throughput is reported per wall second and per
+CPU second of the (single-threaded) process: on a shared machine the second is what
+compares runs, the first moves with whatever else runs.
 
 Part 1 (``admission``): per workload, greedy vs predictive: preemptions, recomputed tokens,
 output tokens/s, TTFT and ITL p50/p99, the length model's error, longest wait per priority.
 Part 2 (``budget``): fixed budgets from ``FIXED_BUDGETS`` against ``target_itl_ms`` set to
-``TARGET_FACTOR`` times the decode-only step time, on the bimodal workload: p99 ITL against
+``TARGET_FACTOR`` times the decode-only step time, on the bimodal workload and a wider random
+Llama (hidden 256, 4 layers: a step's time grows with its tokens): p99 ITL against
 throughput. The embedded SmolLM2 runs a short part 1 on the bimodal workload
 (``--model smollm2``); the tiny random Llama (CPU-fast) runs everything.
 """
@@ -31,6 +34,7 @@ PRIORITIES = (0, 1, 2)
 PRIORITY_WEIGHTS = (0.6, 0.3, 0.1)
 OVERLOAD = 1.5
 FIXED_BUDGETS = (32, 64, 128, 256, 512)
+BUDGET_REQUESTS = 120
 TARGET_FACTOR = 2.0
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
 SMOL = dict(num_blocks=48, block_size=16, max_num_seqs=16, max_batch_tokens=256)
@@ -94,7 +98,7 @@ def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int =
     engine = Engine(model, config)
     gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=None, pad_token_id=0)
     reqs, i = [], 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while i < len(specs) or engine.scheduler.has_work():
         now = time.perf_counter() - start
         while i < len(specs) and times[i] <= now:
@@ -107,6 +111,7 @@ def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int =
             engine.step()
         elif i < len(specs):
             time.sleep(max(0.0, times[i] - now))
+    cpu_s = time.process_time() - cpu_start
     m = engine.metrics()
     if engine.cache.get_num_free_blocks() != engine.cache.num_blocks:
         raise RuntimeError("blocks left in use after the run")
@@ -123,12 +128,14 @@ def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int =
     row = dict(admission=config.admission, budget="adaptive" if config.target_itl_ms else config.max_batch_tokens,
                target_itl_ms=config.target_itl_ms, requests=len(reqs), preemptions=m["preemptions"],
                recomputed_tokens=m["recomputed_tokens"], output_tok_s=generated / makespan,
+               output_tok_cpu_s=generated / cpu_s,
                ttft_p50_ms=_pct([o.ttft_s for o in outs], 0.5), ttft_p99_ms=_pct([o.ttft_s for o in outs], 0.99),
                itl_p50_ms=_pct(itl, 0.5), itl_p99_ms=_pct(itl, 0.99),
                prediction_error=m["length_prediction_error"], deferred=m["admissions_deferred_by_prediction"],
                mean_budget=m["step_budget_mean_tokens"], steps=m["steps"])
     row.update({f"longest_wait_p{p}_s": waits.get(p) for p in PRIORITIES})
     print(f"  {config.admission:>10} budget {row['budget']}: {row['output_tok_s']:.0f} tok/s, "
+          f"{row['output_tok_cpu_s']:.0f} tok/CPU-s, "
           f"{row['preemptions']} preemptions, {row['recomputed_tokens']} recomputed, p99 ITL {row['itl_p99_ms']:.1f} ms",
           flush=True)
     return row
@@ -183,26 +190,35 @@ def _decode_step_ms(model, sizes, vocab) -> float:
     return samples[len(samples) // 2]
 
 
-def part_budget(model, n, sizes, vocab, cap, admission="greedy") -> list[dict]:
+def budget_model(vocab: int):
+    """Wider than the admission part's model, so a step's time grows with its tokens well above
+    the machine's timing jitter (what a step budget controls)."""
+    from ..testing import tiny_llama as build
+
+    return build(vocab=vocab, hidden=256, heads=4, kv_heads=2, layers=4, max_positions=1024)
+
+
+def part_budget(model, n, sizes, vocab, cap, admission="predictive") -> list[dict]:
     specs = draw("bimodal", n, seed=3)
     times = arrivals(n, OVERLOAD * capacity(model, specs, sizes, vocab, cap), seed=3)
     target = TARGET_FACTOR * _decode_step_ms(model, sizes, vocab)
     rows = []
     for b in FIXED_BUDGETS:
         row = run_one(model, specs, times, _config(admission, {**sizes, "max_batch_tokens": b}), vocab, cap)
-        rows.append(dict(part="budget", model="tiny", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
+        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
     row = run_one(model, specs, times, _config(admission, sizes, target_itl_ms=round(target, 2)), vocab, cap)
-    rows.append(dict(part="budget", model="tiny", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
+    rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
     return rows
 
 
 COLUMNS = ["part", "model", "workload", "admission", "budget", "preemptions", "recomputed_tokens", "output_tok_s",
+           "output_tok_cpu_s",
            "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "prediction_error", "deferred", "mean_budget",
            "longest_wait_p0_s", "longest_wait_p1_s", "longest_wait_p2_s"]
 
 
 def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, quick: bool = False,
-                 repeats: int = 2) -> list[dict]:
+                 repeats: int = 4) -> list[dict]:
     import torch
 
     from .workloads import tiny_llama
@@ -212,15 +228,46 @@ def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, qui
     model = tiny_llama(vocab=vocab)
     n = 48 if quick else requests
     rows = part_admission(model, list(WORKLOADS), n, TINY, vocab, CAP, repeats=1 if quick else repeats)
-    rows += part_budget(model, n, TINY, vocab, CAP)
+    rows += part_budget(budget_model(vocab), 24 if quick else BUDGET_REQUESTS, TINY, vocab, CAP)
     if smollm2 and not quick:
         from ..models import load_for_device
 
         smol, _, _ = load_for_device(None, "cpu")
         rows += part_admission(smol, ["bimodal"], 24, SMOL, smol.config.vocab_size, 96, scale=0.3, label="smollm2")
     path = report("schedule", rows, COLUMNS, out_dir)
+    print()
+    report("schedule-summary", summarize(rows), SUMMARY_COLUMNS, out_dir)
     _plot(rows, path.with_suffix(".png"))
     return rows
+
+
+SUMMARY_COLUMNS = ["model", "workload", "repeats", "recomputed_greedy", "recomputed_predictive", "recomputed_cut",
+                   "throughput_ratio_wall", "throughput_ratio_cpu", "prediction_error", "longest_wait_s"]
+
+
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return None if not xs else (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
+
+
+def summarize(rows) -> list[dict]:
+    """Per model and workload, over the repeats: medians of the recomputed tokens and of the
+    predictive / greedy throughput ratios of the runs made back to back."""
+    out = []
+    groups = sorted({(r["model"], r["workload"]) for r in rows if r["part"] == "admission"})
+    for model, w in groups:
+        runs = [r for r in rows if r["part"] == "admission" and r["model"] == model and r["workload"] == w]
+        pairs = [(g, p) for g in runs for p in runs if g["repeat"] == p["repeat"]
+                 and g["admission"] == "greedy" and p["admission"] == "predictive"]
+        rec_g = _median([g["recomputed_tokens"] for g, _ in pairs])
+        rec_p = _median([p["recomputed_tokens"] for _, p in pairs])
+        out.append(dict(model=model, workload=w, repeats=len(pairs), recomputed_greedy=rec_g, recomputed_predictive=rec_p,
+                        recomputed_cut=1 - rec_p / rec_g if rec_g else None,
+                        throughput_ratio_wall=_median([p["output_tok_s"] / g["output_tok_s"] for g, p in pairs]),
+                        throughput_ratio_cpu=_median([p["output_tok_cpu_s"] / g["output_tok_cpu_s"] for g, p in pairs]),
+                        prediction_error=_median([p["prediction_error"] for _, p in pairs]),
+                        longest_wait_s=max(max(r[f"longest_wait_p{k}_s"] or 0 for k in PRIORITIES) for r in runs)))
+    return out
 
 
 def _plot(rows, png) -> None:

@@ -80,7 +80,7 @@ class Scheduler:
             self.predictive = PredictiveAdmission(cache.num_blocks, cache.block_size, max_batch_tokens,
                                                   self.length_model, groups=len(cache.allocators),
                                                   capacity=max_num_seqs)
-        self.step_budget = StepBudget(float(target_itl_ms), max_batch_tokens) if target_itl_ms is not None else None
+        self.step_budget = StepBudget(target_itl_ms, max_batch_tokens) if target_itl_ms is not None else None
         self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
         self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
         self._step_start_budget = self.last_budget = max_batch_tokens

@@ -64,7 +64,11 @@ class StepBudget:
     """Tokens per step that keep a step within ``target_ms`` (see the module docstring)."""
 
     def __init__(self, target_ms: float, max_batch_tokens: int):
-        self.target_ms = target_ms
+        if isinstance(target_ms, bool) or not isinstance(target_ms, (int, float)):
+            raise TypeError(f"target_itl_ms must be a number, got {type(target_ms).__name__}")
+        if not target_ms > 0 or target_ms == float("inf"):
+            raise ValueError(f"target_itl_ms must be a positive number of milliseconds, got {target_ms}")
+        self.target_ms = float(target_ms)
         self.max_batch_tokens = max_batch_tokens
         self.model = StepTimeModel()
 
