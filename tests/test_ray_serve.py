@@ -29,6 +29,7 @@ def test_builder_arguments_are_checked():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    pytest.importorskip("ray.serve")
     from cbkernels.models import cached_default_model
     from cbkernels.testing import tiny_llama
 

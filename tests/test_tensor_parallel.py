@@ -173,3 +173,36 @@ def test_a_single_process_engine_has_no_control_plane():
     engine = Engine(tiny_model("llama"), BatchConfig(backend="torch", num_blocks=8))
     assert isinstance(attach(engine), SingleRank) and engine._tp.agree(None) is None
     assert engine.generator is None  # unseeded sampling keeps using torch's global generator
+
+
+def test_with_graph_mixing_off_an_eager_forward_after_replays_waits_for_the_device():
+    """NCCL_GRAPH_MIXING_SUPPORT=0 (GPU only): the runner waits once per switch from graph
+    replays to an eager forward or a capture, never between replays."""
+    from cbkernels.engine.tp_cuda import keep_graphs_and_eager_apart
+
+    calls = []
+
+    class Graphs:
+        capture, graphs = True, {1: "captured"}
+
+        def run(self, requests, bucket):
+            calls.append(f"replay{bucket}" if bucket in self.graphs else f"capture{bucket}")
+            self.graphs[bucket] = "captured"
+            return "logits"
+
+    class Runner:
+        graphs = Graphs()
+
+        def _eager(self, *args):
+            calls.append("eager")
+
+    runner = Runner()
+    keep_graphs_and_eager_apart(runner, sync=lambda: calls.append("sync"))
+    runner._eager()
+    runner.graphs.run([], 1)
+    runner.graphs.run([], 1)
+    runner._eager()
+    runner._eager()
+    runner.graphs.run([], 1)
+    runner.graphs.run([], 2)
+    assert calls == ["eager", "replay1", "replay1", "sync", "eager", "eager", "replay1", "sync", "capture2"]

@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import tp_cuda
 from .tp_layout import TPLayout
 from .tp_loops import DriverLoop, FollowerLoop, Heartbeat
 
@@ -150,10 +151,7 @@ class ControlPlane:
         engine.model._cbkernels_control_plane = self
         self.heartbeat: Optional[Heartbeat] = None
         self._beat()
-        if engine.cache.kv.device.type == "cuda" and engine.runner.graphs is not None \
-                and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT") != "0":
-            warnings.warn("tensor parallel with CUDA graphs: set NCCL_GRAPH_MIXING_SUPPORT=0 before the process "
-                          "group starts (docs/distributed.md)", RuntimeWarning, stacklevel=3)
+        tp_cuda.prepare(engine.runner)  # CUDA graphs holding NCCL collectives (GPU only)
 
     # ------------------------------------------------------------------ rank 0: ingress
     def _refuse(self, what: str) -> None:
