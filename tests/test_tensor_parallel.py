@@ -63,6 +63,8 @@ def launch(tmp_path_factory):
              max_new_tokens=NEW_TOKENS, config=CONFIG),
         dict(name="fault_attention", kind="fault", model=str(root / "llama"), where="attention", fault_step=3, **short),
         dict(name="fault_sampling", kind="fault", model=str(root / "llama"), where="sampling", fault_step=3, **short),
+        dict(name="sizing", kind="sizing", model=str(root / "llama"), config=dict(backend="torch", block_size=8),
+             cap_bytes=[1 << 20, 1 << 19]),
         dict(name="odd_heads", kind="bad_tp", model=str(root / "odd")),
     ]
     (root / "spec.json").write_text(json.dumps({"scenarios": scenarios}))
@@ -155,6 +157,14 @@ def test_tp_size_not_dividing_the_heads_is_a_clear_error(launch):
         assert "3 key/value heads" in message
 
 
+def test_auto_sized_caches_agree_on_the_smallest_block_count(launch):
+    rank0, rank1 = (r["sizing"] for r in launch["ranks"])
+    caps = launch["scenarios"]["sizing"]["cap_bytes"]
+    assert rank0["num_blocks"] == rank1["num_blocks"] == caps[1] // rank1["block_bytes"]
+    assert caps[0] // rank0["block_bytes"] > rank0["num_blocks"]  # rank 0 alone would have taken more
+    assert "smallest of 2 tensor-parallel ranks" in rank0["how"]
+
+
 # ------------------------------------------------------------------ one process
 def test_layout_errors_name_the_numbers():
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
@@ -206,3 +216,28 @@ def test_with_graph_mixing_off_an_eager_forward_after_replays_waits_for_the_devi
     runner.graphs.run([], 1)
     runner.graphs.run([], 2)
     assert calls == ["eager", "replay1", "replay1", "sync", "eager", "eager", "replay1", "sync", "capture2"]
+
+
+@pytest.mark.slow
+def test_cli_generate_with_tp_2_streams_the_single_process_tokens(tmp_path):
+    """``torchrun --nproc-per-node 2 -m cbkernels generate --tp 2`` (one prompt: rank 0 streams,
+    rank 1 follows) prints the tokens of the single-process command."""
+    from cbkernels.models import cached_default_model
+
+    tok = cached_default_model()[1]
+    model_dir = tmp_path / "model"
+    tok.save_pretrained(model_dir)
+    tiny_llama(vocab=len(tok), max_positions=512).save_pretrained(model_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    args = ["-m", "cbkernels", "generate", "--model", str(model_dir), "--max-new-tokens", "12", "-q",
+            "What is the capital of France?"]
+    runs = {"one": [sys.executable, *args], "tp": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", "2", *args, "--tp", "2"]}
+    tokens = {}
+    for name, cmd in runs.items():
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run(cmd + ["--json", str(out)], env=env, capture_output=True, text=True,
+                              timeout=LAUNCH_LIMIT_S * 3)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        tokens[name] = [r["tokens"] for r in json.loads(out.read_text())["results"]]
+    assert tokens["tp"] == tokens["one"] and len(tokens["one"][0]) == 12

@@ -134,6 +134,15 @@ def run_fault(model, scenario: dict, rank: int) -> dict:
             "free_after": engine.cache.get_num_free_blocks(), "num_blocks": engine.cache.num_blocks}
 
 
+def run_sizing(model, scenario: dict, rank: int) -> dict:
+    """Auto-sized caches: each rank's own byte cap (rank 1 the smaller), one agreed block count."""
+    engine = Engine(model, BatchConfig(**scenario["config"], max_cache_bytes=scenario["cap_bytes"][rank]))
+    result = {"num_blocks": engine.cache.num_blocks, "how": engine.cache.size.how,
+              "block_bytes": engine.cache.size.block_bytes}
+    engine.stop()
+    return result
+
+
 def run_bad_tp(path: str) -> dict:
     model = load(path)
     try:
@@ -143,7 +152,7 @@ def run_bad_tp(path: str) -> dict:
     return {"error": None}
 
 
-RUNNERS = {"generate": run_generate, "serving_cancel": run_serving_cancel, "fault": run_fault}
+RUNNERS = {"generate": run_generate, "serving_cancel": run_serving_cancel, "fault": run_fault, "sizing": run_sizing}
 
 
 def main() -> None:
