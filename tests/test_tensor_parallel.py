@@ -59,6 +59,8 @@ def launch(tmp_path_factory):
         dict(name="llama", kind="generate", model=str(root / "llama"), sample=True, **gen),
         dict(name="qwen2", kind="generate", model=str(root / "qwen2"), **gen),
         dict(name="llama_triton", kind="generate", model=str(root / "llama"), **triton),
+        dict(name="adaptive", kind="generate", model=str(root / "llama"),
+             **dict(gen, config=dict(CONFIG, target_itl_ms=2.0))),
         dict(name="serve", kind="serving_cancel", model=str(root / "llama"), prompts=PROMPTS[:3],
              max_new_tokens=NEW_TOKENS, config=CONFIG),
         dict(name="fault_attention", kind="fault", model=str(root / "llama"), where="attention", fault_step=3, **short),
@@ -112,6 +114,14 @@ def test_greedy_tokens_match_single_process_and_generate(launch, name):
     # Each rank caches half the KV heads.
     assert rank0["cache_bytes"] == rank1["cache_bytes"] == rank0["size_bytes"] == single_bytes // 2
     assert rank0["free_after"] == rank1["free_after"] == rank0["num_blocks"]
+
+
+def test_the_step_time_model_learns_rank_0s_times_on_every_rank(launch):
+    """target_itl_ms sizes each step's budget from measured step times, which differ per rank:
+    every rank feeds the model rank 0's, so the budgets and schedules still agree."""
+    rank0, rank1 = (r["adaptive"] for r in launch["ranks"])
+    assert rank0["steps"] == rank1["steps"] and rank0["outputs"] == rank1["outputs"]
+    assert [o["tokens"] for o in rank0["outputs"]] == reference_tokens(launch["models"]["llama"], WORKLOAD, _gen())
 
 
 def test_sampling_is_agreed_across_ranks(launch):
