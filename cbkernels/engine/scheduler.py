@@ -21,16 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .admission import QUANTILE, PredictiveAdmission
+from .adaptive import AdaptiveScheduling
+from .admission import QUANTILE
 from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
-from .config import ADMISSIONS
 from .inputs import check_count
 from .length_model import LengthModel
-from .metrics import scheduling_snapshot
 from .requests import Request, RequestStatus as S
 from .scheduler_names import SCHEDULER_NAMES
-from .step_budget import StepBudget
 from .waiting import AGING_STEPS, WaitQueue
 
 # A request that ended on its own (not cancelled or failed) teaches the length model.
@@ -54,7 +52,7 @@ class ScheduledBatch:
         return sum(self.num_tokens)
 
 
-class Scheduler:
+class Scheduler(AdaptiveScheduling):
     def __init__(self, cache: PagedAttentionCache, max_batch_tokens: int, max_num_seqs: int = 64, *,
                  admission: str = "greedy", target_itl_ms: Optional[float] = None, aging_steps: int = AGING_STEPS,
                  length_model: Optional[LengthModel] = None):
@@ -62,10 +60,6 @@ class Scheduler:
             raise TypeError(f"cache must be a PagedAttentionCache, got {type(cache).__name__}")
         check_count("max_batch_tokens", max_batch_tokens, 1)
         check_count("max_num_seqs", max_num_seqs, 1)
-        if admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
-        if length_model is not None and not isinstance(length_model, LengthModel):
-            raise TypeError(f"length_model must be a LengthModel or None, got {type(length_model).__name__}")
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -73,18 +67,7 @@ class Scheduler:
         # In admission order, the last one the newest. A dict (values unused) for O(1)
         # membership and removal: requests hash and compare by identity.
         self.running: dict[Request, None] = {}
-        self.steps = 0  # schedule() calls: the clock of aging and of predicted ends
-        self.length_model = length_model if length_model is not None else LengthModel()
-        self.predictive = None
-        if admission == "predictive":
-            self.predictive = PredictiveAdmission(cache.num_blocks, cache.block_size, max_batch_tokens,
-                                                  self.length_model, groups=len(cache.allocators),
-                                                  capacity=max_num_seqs)
-        self.step_budget = StepBudget(target_itl_ms, max_batch_tokens) if target_itl_ms is not None else None
-        self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
-        self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
-        self._step_start_budget = self.last_budget = max_batch_tokens
-        self._budget_total = 0
+        self._init_adaptive(admission, target_itl_ms, length_model)
 
     # -------------------------------------------------------------- queue verbs
     def add(self, req: Request) -> None:
@@ -253,16 +236,6 @@ class Scheduler:
             self._fork(batch, req)
         return True
 
-    def _victim(self, batch: ScheduledBatch) -> Optional[Request]:
-        """The running request to preempt: not scheduled in this step, lowest priority, newest."""
-        if len(self._priorities) <= 1:
-            return next((r for r in reversed(self.running) if r not in batch.members), None)
-        victim = None
-        for r in reversed(self.running):
-            if r not in batch.members and (victim is None or r.priority < victim.priority):
-                victim = r
-        return victim
-
     def _fork(self, batch: ScheduledBatch, parent: Request) -> None:
         """The siblings adopt the parent's computed prompt (all but its last token) and run
         that last token in this step if the budget allows. One that cannot (no room for its
@@ -363,19 +336,6 @@ class Scheduler:
         req.prefix_hit_tokens -= req.num_computed
         self.cache.release(req)
         req.num_computed = 0
-
-    # -------------------------------------------------------------- feedback and metrics
-    def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
-        """After a step: its wall time feeds the step-time model (``target_itl_ms``)."""
-        if self.step_budget is not None and batch.requests:
-            self.step_budget.observe(self._step_start_budget - self._budget, len(batch.requests), seconds)
-
-    def mean_budget(self) -> float:
-        return self._budget_total / self.steps if self.steps else float(self.max_batch_tokens)
-
-    def metrics(self) -> dict:
-        """Scheduling counters for ``engine.metrics()`` (``metrics.scheduling_snapshot``)."""
-        return scheduling_snapshot(self)
 
 
 class FIFOScheduler(Scheduler):

@@ -1,0 +1,58 @@
+"""The adaptive half of ``Scheduler`` (docs/scheduling.md), as a mixin: the options
+(predictive admission, the step budget, the length model every finished request teaches),
+preemption's victim by priority, the step-time feedback and the scheduling metrics.
+``scheduler.py`` keeps the mechanics that every step runs."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .admission import PredictiveAdmission
+from .config import ADMISSIONS
+from .length_model import LengthModel
+from .metrics import scheduling_snapshot
+from .step_budget import StepBudget
+
+
+class AdaptiveScheduling:
+    def _init_adaptive(self, admission: str, target_itl_ms: Optional[float],
+                       length_model: Optional[LengthModel]) -> None:
+        """After ``cache``, ``max_batch_tokens`` and ``max_num_seqs`` are set."""
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
+        if length_model is not None and not isinstance(length_model, LengthModel):
+            raise TypeError(f"length_model must be a LengthModel or None, got {type(length_model).__name__}")
+        cache = self.cache
+        self.steps = 0  # schedule() calls: the clock of aging and of predicted ends
+        self.length_model = length_model if length_model is not None else LengthModel()
+        self.predictive = None
+        if admission == "predictive":
+            self.predictive = PredictiveAdmission(cache.num_blocks, cache.block_size, self.max_batch_tokens,
+                                                  self.length_model, groups=len(cache.allocators),
+                                                  capacity=self.max_num_seqs)
+        self.step_budget = StepBudget(target_itl_ms, self.max_batch_tokens) if target_itl_ms is not None else None
+        self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
+        self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
+        self._step_start_budget = self.last_budget = self.max_batch_tokens
+        self._budget_total = 0
+
+    def _victim(self, batch):
+        """The running request to preempt: not scheduled in this step, lowest priority, newest."""
+        if len(self._priorities) <= 1:
+            return next((r for r in reversed(self.running) if r not in batch.members), None)
+        victim = None
+        for r in reversed(self.running):
+            if r not in batch.members and (victim is None or r.priority < victim.priority):
+                victim = r
+        return victim
+
+    def observe_step(self, batch, seconds: float) -> None:
+        """After a step: its wall time feeds the step-time model (``target_itl_ms``)."""
+        if self.step_budget is not None and batch.requests:
+            self.step_budget.observe(self._step_start_budget - self._budget, len(batch.requests), seconds)
+
+    def mean_budget(self) -> float:
+        return self._budget_total / self.steps if self.steps else float(self.max_batch_tokens)
+
+    def metrics(self) -> dict:
+        """Scheduling counters for ``engine.metrics()`` (``metrics.scheduling_snapshot``)."""
+        return scheduling_snapshot(self)
