@@ -374,7 +374,7 @@ def launch_paged_attention(
         k_scale if fp8 else sinks_f, v_scale if fp8 else sinks_f, int(fp8 and k_scale.dim() == 1),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, D_PAD=d_pad,
         IEEE_DOT=q.dtype == torch.float32 or upcast, UPCAST=upcast, KV_FP8=fp8,
-        FAST_PATHS=fast_paths and tile.fast(fp8),
+        FAST_PATHS=fast_paths and tile.fast_paths,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     if splits > 1:

@@ -37,7 +37,7 @@ def aot_configs() -> list[AotConfig]:
                         _paged_attention_kernel, _attention_signature(name, "i32", cache),
                         {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "D_PAD": d_pad,
                          "IEEE_DOT": dtype == torch.float32, "UPCAST": False, "KV_FP8": cache is not None,
-                         "FAST_PATHS": tile.fast(cache is not None)},
+                         "FAST_PATHS": tile.fast_paths},
                         tile.num_warps, tile.num_stages,
                         divisible=("head_dim", "stride_q_tok", "stride_kv_slot"), archs=(arch,),
                     ))

@@ -31,11 +31,6 @@ class Tile:
     num_warps: int
     num_stages: int
     fast_paths: bool = True  # interior KV tiles unmasked (the kernel's FAST_PATHS)
-    fast_paths_fp8: bool = True  # the same over an fp8 cache
-
-    def fast(self, fp8: bool) -> bool:
-        """FAST_PATHS of this tile over a cache of the query dtype (False) or fp8 (True)."""
-        return self.fast_paths_fp8 if fp8 else self.fast_paths
 
 
 def triton_version(text: str = triton.__version__) -> tuple[int, int]:
@@ -109,9 +104,9 @@ else:
 #   prefill tile it replaces holds 64-128 rows on 8 warps at 150-208 registers (one program per
 #   SM on sm_80 at D = 64). D = 128 takes N = 32: N = 64 needed 210 registers.
 # * fast_paths (the kernel's FAST_PATHS, interior tiles unmasked) is on wherever the gate shows it
-#   costs no spill and no occupancy, so off for the sm_90 D = 64 decode tile over fp8 caches, the
-#   one it took from 96 to 126 registers (5 -> 4 programs per SM; a decode has one boundary tile
-#   in most launches, so the select it saves is small there).
+#   costs no spill and no occupancy, so off for the 2-byte D = 64 decode tile: it took that tile
+#   from 96 to 118-128 registers (5 -> 4 programs per SM) over fp8 caches on sm_90 and, on Triton
+#   3.6, over fp16/bf16 on sm_80; what it saves there is ~58 PTX instructions per interior tile.
 # * fp32 inputs run IEEE dots on FMA units, no MMA: M = 64 spilled on sm_80 (420 B at 4 warps),
 #   M = 32 fits (107-154 registers); D = 256 halves M again.
 # * num_stages: 3 on sm_90, whose 227 KB smem (cbkernels.aot.SHARED_MEMORY_LIMIT) holds a third
@@ -124,7 +119,7 @@ def _tiles(arch: int, choices: VersionChoices = VERSION_CHOICES) -> dict[tuple[s
     if arch >= 90 and choices.sm90_prefill_half_stages is not None:
         prefill_half = dict.fromkeys(prefill_half, choices.sm90_prefill_half_stages)
     return {
-        ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages, fast_paths_fp8=False),
+        ("decode", 2, 64): Tile(DECODE_BLOCK_M, 64, 4, stages, fast_paths=False),
         ("decode", 2, 128): Tile(DECODE_BLOCK_M, 64, 4, stages),
         ("decode", 2, 256): Tile(DECODE_BLOCK_M, 32, 8, 2),
         ("decode", 4, 64): Tile(DECODE_BLOCK_M, 32, 4, 2),

@@ -67,25 +67,28 @@ def _tile_classes(lengths, group, tile, window, splits):
     return interior, boundary
 
 
-# (lengths [(q_len, kv_len)], hq, hkv, dtype, sliding_window, forced splits): decodes ending
-# exactly on, one past and one before a tile edge; windows whose start falls inside a tile and on
-# its edge; a chunked prefill over a long prefix; a mixed batch; the wide decode tile; splits.
+# (lengths [(q_len, kv_len)], hq, hkv, head dim, dtype, sliding_window, forced splits): decodes
+# ending exactly on, one past and one before a tile edge; windows whose start falls inside a tile
+# and on its edge; a chunked prefill over a long prefix; a mixed batch; the wide decode tile;
+# splits. Every case runs on a tile whose fast path is on (the fp16/bf16 D = 64 decode tile keeps
+# it off: kernels/paged_attention_tiles.py).
 CASES = [
-    ([(1, 129), (1, 128), (1, 127)], 4, 2, torch.float16, None, None),
-    ([(1, 400)], 4, 2, torch.float16, 150, None),
-    ([(1, 385)], 2, 1, torch.float32, 128, None),
-    ([(40, 300)], 4, 2, torch.float16, None, None),
-    ([(24, 200), (1, 97), (5, 70)], 4, 2, torch.float32, 60, None),
-    ([(1, 260), (2, 190)], 32, 2, torch.bfloat16, None, None),
-    ([(1, 700)], 4, 4, torch.float16, 300, 3),
+    ([(1, 129), (1, 128), (1, 127)], 4, 2, 128, torch.float16, None, None),
+    ([(1, 400)], 4, 2, 128, torch.float16, 150, None),
+    ([(1, 385)], 2, 1, 64, torch.float32, 128, None),
+    ([(40, 300)], 4, 2, 64, torch.float16, None, None),
+    ([(24, 200), (1, 97), (5, 70)], 4, 2, 64, torch.float32, 60, None),
+    ([(1, 260), (2, 190)], 32, 2, 64, torch.bfloat16, None, None),
+    ([(1, 700)], 4, 4, 128, torch.bfloat16, 300, 3),
 ]
 
 
-@pytest.mark.parametrize("lengths,hq,hkv,dtype,window,splits", CASES)
-def test_fast_path_matches_reference_and_the_masked_kernel(lengths, hq, hkv, dtype, window, splits, monkeypatch):
-    b = _batch(lengths, hq=hq, hkv=hkv, dtype=dtype)
-    plan = tiles.plan_launch(b.q.device, dtype, b.q.shape[0], len(lengths), hq, hkv, 64,
+@pytest.mark.parametrize("lengths,hq,hkv,d,dtype,window,splits", CASES)
+def test_fast_path_matches_reference_and_the_masked_kernel(lengths, hq, hkv, d, dtype, window, splits, monkeypatch):
+    b = _batch(lengths, hq=hq, hkv=hkv, d=d, dtype=dtype)
+    plan = tiles.plan_launch(b.q.device, dtype, b.q.shape[0], len(lengths), hq, hkv, d,
                              b.max_seqlen_q, b.max_seqlen_k, splits)
+    assert plan.tile.fast_paths
     interior, boundary = _tile_classes(lengths, hq // hkv, plan.tile, window, plan.num_splits)
     assert interior > 0 and boundary > 0, (interior, boundary)
     options = dict(sliding_window=window, softcap=5.0 if window else None)
