@@ -40,8 +40,22 @@ def _worker():
     return module
 
 
-def _gen(max_new=NEW_TOKENS):
-    return GenerationConfig(max_new_tokens=max_new, eos_token_id=None, pad_token_id=0, do_sample=False)
+def _gen(max_new=NEW_TOKENS, stop_strings=None):
+    return GenerationConfig(max_new_tokens=max_new, eos_token_id=None, pad_token_id=0, do_sample=False,
+                            stop_strings=stop_strings)
+
+
+def word_tokenizer():
+    """A word-level tokenizer of the tiny models' 128 ids ("w0" ... "w126", and "abcdef", the
+    probe transformers' stop-string matching encodes), decoding without spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"abcdef": VOCAB - 1}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="w0", pad_token="w0")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +65,7 @@ def launch(tmp_path_factory):
     models = {"llama": tiny_model("llama"), "qwen2": tiny_model("qwen2")}
     for name, model in models.items():
         model.save_pretrained(root / name)
+    word_tokenizer().save_pretrained(root / "llama")
     tiny_llama(vocab=VOCAB, hidden=96, heads=6, kv_heads=3).save_pretrained(root / "odd")
     gen = dict(prompts=WORKLOAD, max_new_tokens=NEW_TOKENS, config=CONFIG)
     triton = dict(gen, prompts=WORKLOAD[:3] + WORKLOAD[-1:], max_new_tokens=8, config=dict(CONFIG, backend="triton"))
@@ -59,6 +74,7 @@ def launch(tmp_path_factory):
         dict(name="llama", kind="generate", model=str(root / "llama"), sample=True, **gen),
         dict(name="qwen2", kind="generate", model=str(root / "qwen2"), **gen),
         dict(name="llama_triton", kind="generate", model=str(root / "llama"), **triton),
+        dict(name="stop_strings", kind="generate", model=str(root / "llama"), stop_strings=["w3w3"], **gen),
         dict(name="adaptive", kind="generate", model=str(root / "llama"),
              **dict(gen, config=dict(CONFIG, target_itl_ms=2.0))),
         dict(name="serve", kind="serving_cancel", model=str(root / "llama"), prompts=PROMPTS[:3],
@@ -122,6 +138,18 @@ def test_the_step_time_model_learns_rank_0s_times_on_every_rank(launch):
     rank0, rank1 = (r["adaptive"] for r in launch["ranks"])
     assert rank0["steps"] == rank1["steps"] and rank0["outputs"] == rank1["outputs"]
     assert [o["tokens"] for o in rank0["outputs"]] == reference_tokens(launch["models"]["llama"], WORKLOAD, _gen())
+
+
+def test_stop_strings_are_rebuilt_on_every_rank(launch):
+    """Stop strings travel as strings; each rank builds the check with its own tokenizer."""
+    scenario = launch["scenarios"]["stop_strings"]
+    rank0, rank1 = (r["stop_strings"] for r in launch["ranks"])
+    engine = Engine(launch["models"]["llama"], BatchConfig(**scenario["config"]), tokenizer=word_tokenizer())
+    single = engine.generate(scenario["prompts"], _gen(stop_strings=scenario["stop_strings"]))
+    assert rank0["outputs"] == rank1["outputs"] and rank0["steps"] == rank1["steps"]
+    assert [o["tokens"] for o in rank0["outputs"]] == [o.generated_tokens for o in single]
+    stopped = [o for o in rank0["outputs"] if o["finish_reason"] == "stop"]
+    assert stopped and all(o["tokens"][-2:] == [3, 3] for o in stopped)
 
 
 def test_sampling_is_agreed_across_ranks(launch):

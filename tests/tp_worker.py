@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.distributed import DistributedConfig
 
 from cbkernels import BatchConfig, Engine
@@ -22,7 +22,7 @@ from cbkernels import BatchConfig, Engine
 
 def gen_config(spec: dict) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=spec["max_new_tokens"], eos_token_id=None, pad_token_id=0,
-                            do_sample=spec.get("do_sample", False))
+                            do_sample=spec.get("do_sample", False), stop_strings=spec.get("stop_strings"))
 
 
 def load(path: str):
@@ -53,7 +53,8 @@ def outputs(outs) -> list:
 
 def run_generate(model, scenario: dict, rank: int) -> dict:
     """SPMD: every rank calls generate with the same prompts."""
-    engine = Engine(model, BatchConfig(**scenario["config"]))
+    tokenizer = AutoTokenizer.from_pretrained(scenario["model"]) if scenario.get("stop_strings") else None
+    engine = Engine(model, BatchConfig(**scenario["config"]), tokenizer=tokenizer)
     steps = record_steps(engine)
     outs = engine.generate(scenario["prompts"], gen_config(scenario))
     m = engine.metrics()

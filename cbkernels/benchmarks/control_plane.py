@@ -71,6 +71,7 @@ def _engine_run(model, dist) -> list[dict]:
 
 
 def _messages(model, dist) -> list[dict]:
+    from ..engine import tp_follower
     from ..engine.distributed import EVENTS
     from ..engine.requests import SamplingParams
     from ..testing import token_prompts
@@ -95,7 +96,7 @@ def _messages(model, dist) -> list[dict]:
                 times["deliver"].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 with engine._changed:
-                    plane._apply(received)
+                    tp_follower.apply(plane, received)
                 times["replay"].append(time.perf_counter() - start)
                 for rid in list(engine.requests):  # keep the engine empty between repetitions
                     engine.scheduler.cancel(engine.requests.pop(rid), 0.0)

@@ -148,7 +148,7 @@ def run_generate(args) -> int:
     num_blocks = args.num_blocks or workload_blocks([len(e) for e in encoded], args.max_new_tokens, args.block_size)
     config = BatchConfig(num_blocks=num_blocks, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
-    engine = tp.make_engine(model, config) if args.tp > 1 else Engine(model, config)
+    engine = tp.make_engine(model, config, tok) if args.tp > 1 else Engine(model, config)
     if not tp.leads(engine):
         return tp.follow_and_exit(engine)
     print(f"cbkernels generate: {len(prompts)} prompt(s) on {device}, backend {engine.backend}, "

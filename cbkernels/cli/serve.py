@@ -70,7 +70,7 @@ def run_serve(args) -> int:
         raise UsageError(str(exc)) from None
     if args.tp > 1:  # every rank loads its shard; rank 0 serves HTTP, the others follow its steps
         model, tokenizer, device = tp.load(args)
-        engine = tp.make_engine(model, config)
+        engine = tp.make_engine(model, config, tokenizer)
         if not tp.leads(engine):
             return tp.follow_and_exit(engine)
     else:

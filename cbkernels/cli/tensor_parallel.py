@@ -47,12 +47,13 @@ def load(args):
     return model, tok, device
 
 
-def make_engine(model, config):
-    """The engine; a tensor-parallel size that cannot shard the model is a UsageError."""
+def make_engine(model, config, tokenizer):
+    """The engine (with the tokenizer on every rank: stop strings are rebuilt on each); a
+    tensor-parallel size that cannot shard the model is a UsageError."""
     from ..engine import Engine
 
     try:
-        return Engine(model, config)
+        return Engine(model, config, tokenizer=tokenizer)
     except ValueError as exc:
         if "tensor parallel" in str(exc):
             raise UsageError(str(exc)) from None

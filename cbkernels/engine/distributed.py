@@ -31,40 +31,28 @@ follows until rank 0 stops). See docs/distributed.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
 import time
-import warnings
 from collections import deque
 from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
 
-from . import tp_cuda
+from . import tp_cuda, tp_follower
+from .tp_follower import EVENTS, STEP, STOP, STOP_STRINGS_NEED_TOKENIZERS
 from .tp_layout import TPLayout
 from .tp_loops import DriverLoop, FollowerLoop, Heartbeat
 
 TIMEOUT_ENV = "CBKERNELS_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
-STEP, EVENTS, STOP = 1, 2, 3  # message commands: run a step / apply the journal only / stop following
-STOP_STRINGS_UNSUPPORTED = ("stop_strings are not supported with tensor parallelism yet (the stop check holds the "
-                            "tokenizer, which the other ranks do not receive)")
 
 
 class TensorParallelStepError(RuntimeError):
     """A step failed on some rank of a tensor-parallel group (the message names them)."""
-
-
-class _Params:
-    """``GenerationSpec``'s one method ``Engine._add`` uses, for requests rank 0 resolved."""
-
-    def __init__(self, params):
-        self._params = params
-
-    def params(self, prompt_len: int):
-        return self._params
 
 
 def control_timeout_s() -> float:
@@ -113,6 +101,16 @@ def attach(engine):
     return ControlPlane(engine, tp) if tp is not None and tp.is_parallel else _SINGLE
 
 
+def _stop_strings_of(check) -> Optional[tuple]:
+    """The stop strings a ``GenerationSpec`` stop check was built from (the transformers
+    criteria it closes over keeps them), or None."""
+    for cell in getattr(check, "__closure__", None) or ():
+        strings = getattr(cell.cell_contents, "stop_strings", None)
+        if isinstance(strings, (list, tuple)) and all(isinstance(x, str) for x in strings):
+            return tuple(strings)
+    return None
+
+
 class ControlPlane:
     def __init__(self, engine, layout: TPLayout):
         import torch.distributed as dist
@@ -139,6 +137,11 @@ class ControlPlane:
         self.stats = {"messages": 0, "payload_bytes": 0, "send_s": 0.0, "agree_s": 0.0}
         self._header = torch.zeros(2, dtype=torch.int64)
         self._flag = torch.zeros(1, dtype=torch.int64)
+        # Stop strings travel as strings; each follower rebuilds the check with its tokenizer.
+        has_tokenizer: list = [None] * layout.size
+        dist.all_gather_object(has_tokenizer, engine.tokenizer is not None, group=self.group)
+        self.stop_strings_ok = all(has_tokenizer[1:])
+        self.stop_checks: dict = {}  # followers: the checks built per set of stop strings
         seed = engine.config.seed if engine.config.seed is not None else random.getrandbits(62)
         self._header[0] = seed
         dist.broadcast(self._header, src=self.root, group=self.group)
@@ -165,9 +168,13 @@ class ControlPlane:
             if not self.applying:
                 self._refuse("add_request")
             return
+        stop = None
         if params.stop_check is not None:
-            raise ValueError(STOP_STRINGS_UNSUPPORTED)
-        self.journal.append(("add", request_id, list(tokens), params, priority))
+            stop = _stop_strings_of(params.stop_check)
+            if stop is None or not self.stop_strings_ok:
+                raise ValueError(STOP_STRINGS_NEED_TOKENIZERS)
+            params = dataclasses.replace(params, stop_check=None)
+        self.journal.append(("add", request_id, list(tokens), params, priority, stop))
 
     def on_cancel(self, request_id: str) -> None:
         if not self.is_driver:
@@ -235,26 +242,6 @@ class ControlPlane:
         self.stopped = command == STOP
         return command, events
 
-    def _apply(self, events: list) -> None:
-        eng, now = self.engine, time.perf_counter()
-        self.applying = True
-        try:
-            for event in events:
-                if event[0] == "add":
-                    _, rid, tokens, params, priority = event
-                    eng._add(tokens, _Params(params), rid, priority)
-                elif event[0] == "cancel":
-                    req = eng.requests.get(event[1])
-                    if req is not None and not req.is_done:
-                        eng.scheduler.cancel(req, now)
-                elif event[0] == "observe":  # rank 0's step time: the same step-time model here
-                    self._observe(self._observed_batch, event[1])
-                elif event[0] == "call":
-                    self.calls.append(event[1])
-                    self.awaited.update(event[1])
-        finally:
-            self.applying = False
-
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
         """Start of every step: rank 0 sends the journal and the step; a follower only steps
@@ -296,6 +283,10 @@ class ControlPlane:
         else:
             self._observed_batch = batch
 
+    def observe_rank0_time(self, seconds: float) -> None:
+        """A follower: the last step's time, as rank 0 measured it, for the step-time model."""
+        self._observe(self._observed_batch, seconds)
+
     def _guard_attention(self, backend) -> None:
         """Hold an exception raised inside attention until the forward ends (the remaining
         layers return zeros), so this rank still joins every collective of the forward."""
@@ -316,53 +307,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ followers
     def follow(self, until: Optional[Callable[[], bool]] = None) -> None:
-        """Apply rank 0's messages and run the steps they announce until rank 0 stops (or
-        ``until()`` holds: a follower's generate). Finished requests nobody collects are
-        forgotten after each message."""
-        eng = self.engine
-        self.following = True
-        try:
-            while until is None or not until():
-                command, events = self.receive()
-                with eng._changed:
-                    self._apply(events)
-                    if command == STEP:
-                        eng.step()
-                    for rid in [r for r, q in eng.requests.items() if q.is_done and r not in self.awaited]:
-                        del eng.requests[rid]
-                    eng._changed.notify_all()
-                if command == STOP:
-                    if until is not None:
-                        raise RuntimeError("rank 0 stopped the tensor-parallel group before its generate call "
-                                           "reached this rank")
-                    return
-        finally:
-            self.following = False
+        tp_follower.follow(self, until)
 
     def follow_generate(self, prompts: list[list[int]], spec) -> list:
-        """A follower's ``generate(prompts)``: rank 0's outputs of the same call."""
-        eng = self.engine
-        if spec.config.stop_strings:
-            raise ValueError(STOP_STRINGS_UNSUPPORTED)  # as rank 0 raises for the same call
-
-        def ready() -> bool:
-            return bool(self.calls) and all(eng.requests[i].is_done for i in self.calls[0])
-
-        if eng._loop.runs_elsewhere():
-            with eng._changed:
-                while not ready():
-                    if not eng._loop.is_alive():
-                        raise RuntimeError("the follower loop ended before rank 0's generate call finished") \
-                            from eng._loop.error
-                    eng._changed.wait(1.0)
-        else:
-            self.follow(until=ready)
-        with eng._changed:
-            ids = self.calls.popleft()
-            self.awaited.difference_update(ids)
-            outputs = [eng.pop_result(i) for i in ids]
-        firsts = [o.prompt_ids for o in outputs if "__child#" not in o.request_id]
-        if [list(p) for p in firsts] != [list(p) for p in prompts]:
-            warnings.warn(f"generate on tensor-parallel rank {self.layout.rank} was given other prompts than "
-                          "rank 0: it returns rank 0's outputs", RuntimeWarning, stacklevel=3)
-        return outputs
+        return tp_follower.follow_generate(self, prompts, spec)
