@@ -83,7 +83,8 @@ def _messages(model, dist) -> list[dict]:
         prompts = token_prompts([PROMPT_LEN] * max(k, 1), vocab=model.config.vocab_size, seed=k)[:k]
         times = {"pickle": [], "deliver": [], "replay": [], "agree": []}
         for rep in range(REPS):
-            events = [("add", f"r{rep}-{i}", p, SamplingParams(max_new_tokens=16), 0) for i, p in enumerate(prompts)]
+            events = [("add", f"r{rep}-{i}", p, SamplingParams(max_new_tokens=16), 0, None)
+                      for i, p in enumerate(prompts)]
             dist.barrier(group=plane.group)
             start = time.perf_counter()
             if plane.is_driver:
