@@ -73,6 +73,8 @@ def launch(tmp_path_factory):
     scenarios = [
         dict(name="llama", kind="generate", model=str(root / "llama"), sample=True, **gen),
         dict(name="qwen2", kind="generate", model=str(root / "qwen2"), **gen),
+        dict(name="llama_async", kind="generate", model=str(root / "llama"),
+             **dict(gen, config=dict(CONFIG, async_scheduling=True))),
         dict(name="llama_triton", kind="generate", model=str(root / "llama"), **triton),
         dict(name="stop_strings", kind="generate", model=str(root / "llama"), stop_strings=["w3w3"], **gen),
         dict(name="adaptive", kind="generate", model=str(root / "llama"),
@@ -109,7 +111,7 @@ def test_launch_fits_its_budget(launch):
     assert launch["seconds"] < LAUNCH_LIMIT_S, f"torchrun launch took {launch['seconds']:.1f} s"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_triton"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_triton", "llama_async"])
 def test_greedy_tokens_match_single_process_and_generate(launch, name):
     scenario = launch["scenarios"][name]
     model = launch["models"]["qwen2" if name == "qwen2" else "llama"]
@@ -127,6 +129,7 @@ def test_greedy_tokens_match_single_process_and_generate(launch, name):
         "no chunked prefill"
     assert rank0["preemptions"] > 0 and rank0["prefix_hit_rate"] > 0
     assert rank0["backend"] == scenario["config"]["backend"]
+    assert rank0["async_steps"] > 0 if scenario["config"].get("async_scheduling") else rank0["async_steps"] == 0
     # Each rank caches half the KV heads.
     assert rank0["cache_bytes"] == rank1["cache_bytes"] == rank0["size_bytes"] == single_bytes // 2
     assert rank0["free_after"] == rank1["free_after"] == rank0["num_blocks"]

@@ -61,7 +61,7 @@ def run_generate(model, scenario: dict, rank: int) -> dict:
     result = {"outputs": outputs(outs), "steps": list(steps), "cache_bytes": engine.cache.kv.numel() * engine.cache.kv.element_size(),
               "size_bytes": engine.cache.size.bytes, "preemptions": m["preemptions"],
               "prefix_hit_rate": m["prefix_hit_rate"], "free_after": engine.cache.get_num_free_blocks(),
-              "num_blocks": engine.cache.num_blocks, "backend": engine.backend}
+              "num_blocks": engine.cache.num_blocks, "backend": engine.backend, "async_steps": m["async_steps"]}
     if scenario.get("sample"):  # sampled without a seed: rank 0's seed reaches every rank
         result["sampled"] = outputs(engine.generate(scenario["prompts"], GenerationConfig(
             max_new_tokens=scenario["max_new_tokens"], eos_token_id=None, pad_token_id=0, do_sample=True,
