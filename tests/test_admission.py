@@ -129,3 +129,33 @@ def test_engine_tokens_identical_under_new_options(tiny_case, options):
     assert m["length_predictions_scored"] == 2 * len(prompts)
     if options.get("target_itl_ms"):
         assert m["step_budget_mean_tokens"] < 32  # the budget did adapt below max_batch_tokens
+
+
+@pytest.mark.slow  # SmolLM2 on the CPU: ~20 s on a quiet machine, minutes on a busy one
+def test_smollm2_tokens_identical_under_every_new_option():
+    """SmolLM2 (fp32, greedy): predictive admission in a cache small enough to defer and
+    preempt, an adaptive step budget and mixed priorities give generate()'s tokens."""
+    import torch
+
+    pytest.importorskip("gguf")
+    from cbkernels.models import cached_default_model
+
+    try:
+        model, tok = cached_default_model(torch.float32)
+    except ValueError as e:
+        pytest.skip(str(e))
+    questions = ["What is the capital of France?", "Hi!", "List three prime numbers.", "What is 2+2?"]
+    prompts = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        prompts.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
+    gc = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.eos_token_id)
+    ref = reference_tokens(model, prompts, gc)
+    engine = Engine(model, BatchConfig(backend="torch", num_blocks=8, block_size=16, max_batch_tokens=48,
+                                       admission="predictive", target_itl_ms=50.0))
+    ids = [engine.add_request(p, gc, priority=k) for p, k in zip(prompts, (0, 2, 1, 0))]
+    while engine.scheduler.has_work():
+        engine.step()
+    assert [engine.get_result(i).generated_tokens for i in ids] == ref
+    assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
