@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .errors import APIError
 from .stepper import Event, Stepper, Track
 
 SEEDED_ENGINES = 2  # private engines (seeded sampling) running at once; more wait their turn
+HANDOFF_WAIT_S = 0.05  # longest a step's output holds back the next step (see EngineBridge._post_step)
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,21 @@ class EngineBridge:
 
     # ------------------------------------------------------------ stepper -> event loop
     def _post_step(self, batch: list) -> None:
-        """From the stepping thread: one step's events, ``[(track, Event), ...]``, in one hop."""
+        """From the stepping thread: one step's events, ``[(track, Event), ...]``, in one hop.
+        It returns once the event loop has handed them to the handlers and they have written
+        their chunks (or after HANDOFF_WAIT_S): on a machine with no spare core, handlers
+        working beside the next step's forward would take that forward's CPU and the GIL
+        from it, which costs the step more than this short wait."""
         if self.metrics is not None:
             for _track, ev in batch:
                 if ev.output is not None:
                     self.metrics.observe_output(ev.output)
+        handed = threading.Event()
         try:
-            self.loop.call_soon_threadsafe(_deliver_all, batch)
+            self.loop.call_soon_threadsafe(_deliver_all, self.loop, batch, handed)
         except RuntimeError:  # the event loop is closed: the server has gone away
-            pass
+            return
+        handed.wait(HANDOFF_WAIT_S)
 
     async def run(self, fn, *args):
         """Run a blocking call on the control pool and wait for it without blocking the loop."""
@@ -218,6 +226,8 @@ class EngineBridge:
         self._pool.shutdown(wait=True)
 
 
-def _deliver_all(batch: list) -> None:
+def _deliver_all(loop, batch: list, handed: threading.Event) -> None:
     for track, event in batch:
         track.group.deliver(event)
+    # Scheduled behind the handlers just woken: it runs once they have processed these events.
+    loop.call_soon(handed.set)
