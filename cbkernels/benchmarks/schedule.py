@@ -14,7 +14,7 @@ whatever else runs. Part 2 controls wall-clock latency, so it is timed on the wa
 Part 1 (``admission``): per workload, greedy vs predictive: preemptions, recomputed tokens,
 output tokens/s, TTFT and ITL p50/p99, the length model's error, longest wait per priority.
 Part 2 (``budget``): fixed budgets from ``FIXED_BUDGETS`` against ``target_itl_ms`` set to
-``TARGET_FACTOR`` times the decode-only step time, on the bimodal workload and a wider random
+each of ``TARGET_FACTORS`` times the decode-only step time, on the bimodal workload and a wider random
 Llama (hidden 256, 4 layers: a step's time grows with its tokens): p99 ITL against
 throughput. The embedded SmolLM2 runs a short part 1 on the bimodal workload
 (``--model smollm2``); the tiny random Llama (CPU-fast) runs everything.
@@ -35,7 +35,7 @@ PRIORITY_WEIGHTS = (0.6, 0.3, 0.1)
 OVERLOAD = 1.5
 FIXED_BUDGETS = (32, 64, 128, 256, 512)
 BUDGET_REQUESTS = 100
-TARGET_FACTOR = 3.0
+TARGET_FACTORS = (3.0, 5.0)
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
 SMOL = dict(num_blocks=48, block_size=16, max_num_seqs=16, max_batch_tokens=256)
 
@@ -233,15 +233,18 @@ def budget_model(vocab: int):
 def part_budget(model, n, sizes, vocab, cap, admission="predictive") -> list[dict]:
     specs = draw("bimodal", n, seed=3)
     times = arrivals(n, OVERLOAD * capacity(model, specs, sizes, vocab, cap, cpu_clock=False), seed=3)
-    target = TARGET_FACTOR * _decode_step_ms(model, sizes, vocab)
+    step_ms = _decode_step_ms(model, sizes, vocab)
     rows = []
     for b in FIXED_BUDGETS:
         row = run_one(model, specs, times, _config(admission, {**sizes, "max_batch_tokens": b}), vocab, cap,
                       cpu_clock=False)
-        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
-    row = run_one(model, specs, times, _config(admission, sizes, target_itl_ms=round(target, 2)), vocab, cap,
-                  cpu_clock=False)
-    rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target))
+        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row))
+        rows[-1]["decode_step_ms"] = step_ms
+    for factor in TARGET_FACTORS:
+        target = round(factor * step_ms, 2)
+        row = run_one(model, specs, times, _config(admission, sizes, target_itl_ms=target), vocab, cap, cpu_clock=False)
+        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target,
+                         decode_step_ms=step_ms))
     return rows
 
 
@@ -325,9 +328,11 @@ def _plot(rows, png) -> None:
     bud = [r for r in rows if r["part"] == "budget"]
     for r in bud:
         a3.scatter(r["output_tok_s"], r["itl_p99_ms"], color="C1" if r["budget"] == "adaptive" else "C0")
-        a3.annotate(str(r["budget"]), (r["output_tok_s"], r["itl_p99_ms"]))
+        label = r["budget"] if r["budget"] != "adaptive" else f"adaptive {r['target_itl_ms']}"
+        a3.annotate(str(label), (r["output_tok_s"], r["itl_p99_ms"]))
+    for k, r in enumerate(r for r in bud if r.get("goal_itl_ms")):
+        a3.axhline(r["goal_itl_ms"], color=f"C{k + 2}", linestyle="--", label=f"target_itl_ms {r['goal_itl_ms']}")
     if bud:
-        a3.axhline(bud[0]["goal_itl_ms"], color="grey", linestyle="--", label="target_itl_ms")
         a3.legend()
     a3.set_xlabel("output tokens/s")
     a3.set_ylabel("p99 ITL, ms")
