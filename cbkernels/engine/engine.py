@@ -293,11 +293,10 @@ class Engine:
 
     def _read_back(self, step) -> list[tuple[str, int]]:
         """The tokens of a launched step (waiting for them), applied: states, stops, metrics."""
-        sampled = step.sampled()
-        live = [r.pending > 0 and not r.is_done for r in step.batch.requests]
-        for req in self.scheduler.resolve(step.batch, sampled, time.perf_counter()):
+        made: list[tuple[str, int]] = []
+        for req in self.scheduler.resolve(step.batch, step.sampled(), time.perf_counter(), made):
             self._stats.record_request(req.to_output())
-        return [(r.request_id, t) for r, t, ok in zip(step.batch.requests, sampled, live) if t is not None and ok]
+        return made
 
     def _fail_requests(self, reqs, reason: str) -> None:
         """Fail every live request of ``reqs`` with ``reason`` and free its blocks."""

@@ -172,28 +172,32 @@ class Scheduler(AdaptiveScheduling):
         """The half of ``postprocess`` that needs no token values: computed tokens, prefix
         hashes, states; a row that samples leaves a pending token. With asynchronous scheduling
         this runs as soon as a step is launched, so the next step can be scheduled."""
+        commit_cache, decoding = self.cache.commit, S.DECODING
         for req, n, sampled in zip(batch.requests, batch.num_tokens, samples):
             if req.is_done:  # finished or cancelled while this step was in flight
                 continue
             req.num_computed += n
-            self.cache.commit(req)
+            commit_cache(req)
             if not sampled:  # a prefill chunk short of the prompt's end
                 req.transition(S.SPLIT_PENDING_REMAINDER)
                 continue
             req.pending += 1
-            if req.status is not S.DECODING:
-                req.transition(S.DECODING)
+            if req.status is not decoding:
+                req.transition(decoding)
 
-    def resolve(self, batch: ScheduledBatch, sampled: list, now: float) -> list[Request]:
+    def resolve(self, batch: ScheduledBatch, sampled: list, now: float, made: Optional[list] = None) -> list[Request]:
         """The half of ``postprocess`` that needs the sampled tokens: append them, and finish
-        (freeing their blocks) the requests that hit a stop condition. Returns those."""
+        (freeing their blocks) the requests that hit a stop condition. Returns those; ``made``
+        (if given) gains a (request_id, token) pair for every token appended."""
         finished = []
         for req, token in zip(batch.requests, sampled):
             if token is None:
                 continue
-            if req.is_done:  # cancelled or failed while its token was in flight: dropped
+            if req.is_done:  # cancelled or failed while its token was in flight
                 req.pending = 0
                 continue
+            if made is not None and req.pending > 0:
+                made.append((req.request_id, token))
             req.pending -= 1
             req.append_token(token, now)
             reason = req.stop_reason()
@@ -273,10 +277,11 @@ class Scheduler(AdaptiveScheduling):
         """Every running decode's next token; ``_take``'s common case (its blocks hold the slot)
         inlined, as this runs for every request every step. The rest goes through ``_take``."""
         members, requests, counts, reserve = batch.members, batch.requests, batch.num_tokens, self.cache.reserve
+        decoding = S.DECODING  # a local: an enum member looked up on its class costs more than the test
         for req in list(self.running):
             if self._budget <= 0:
                 return
-            if req.status is not S.DECODING or req in members or req not in self.running or req.saturated:
+            if req.status is not decoding or req in members or req not in self.running or req.saturated:
                 continue
             if req.pending_children or len(req.tokens) + req.pending - req.num_computed != 1:
                 self._take(batch, req)
