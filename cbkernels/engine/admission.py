@@ -31,7 +31,7 @@ MARGIN_STEP = 0.02
 MARGIN_DECAY = 0.99
 MAX_MARGIN = 0.3
 RECHECK_STEPS = 8
-QUANTILE = 0.5
+QUANTILE = 0.3
 
 
 class PredictiveAdmission:
