@@ -23,16 +23,18 @@ start=$SECONDS
 # The sample, about a minute on a 2-core machine (the main suite runs everything on the pinned
 # stack). Paged attention: hypothesis-drawn mixed batches with every option, split count and
 # host-bound mode; each dtype at each head dim (every tile pad, decode and prefill); the split-KV
-# merge under each option; the split heuristic; the window's tile skipping. KV cache: every kernel,
+# merge under each option; the split heuristic; the window's tile skipping; the unmasked interior tiles against the masked kernel at the causal,
+# window and length edges, and the wide (17-32 row) decode tile. KV cache: every kernel,
 # and the check that the interpreter, not the PyTorch path, ran them. transformers 5.17: the engine
 # token for token against model.generate() (PyTorch and interpreted Triton backends) and the
 # attention registration.
 SAMPLE_FILES=(tests/test_paged_attention.py tests/test_kv_cache.py tests/test_engine.py tests/test_integration.py
-              tests/test_cuda_graphs.py)
+              tests/test_cuda_graphs.py tests/test_attention_fast_paths.py)
 SAMPLE="test_mixed_batches or test_head_dims or (test_options and split3) or test_heuristic_splits"
 SAMPLE+=" or test_sliding_window_never or test_scatter or test_gather or test_copy_blocks"
 SAMPLE+=" or test_cpu_tensors_run_the_triton_kernels or test_matches_generate or test_sliding_window_layers"
 SAMPLE+=" or test_integration or test_padded_decode_triton_interpreted"
+SAMPLE+=" or test_fast_path_matches_reference or test_wide_decode_batches"
 
 if [ -x "$PY" ] && cmp -s "$CONSTRAINTS" "$STAMP"; then
   echo "compat: reusing $VENV"
