@@ -37,7 +37,7 @@ FIXED_BUDGETS = (32, 64, 128, 256, 512)
 BUDGET_REQUESTS = 100
 TARGET_FACTORS = (3.0, 5.0)
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
-SMOL = dict(num_blocks=48, block_size=16, max_num_seqs=16, max_batch_tokens=256)
+SMOL = dict(num_blocks=32, block_size=16, max_num_seqs=16, max_batch_tokens=256)
 
 
 def _uniform(rng):
