@@ -36,6 +36,7 @@ LEVELS = (1, 4, 16, 64)
 REQUESTS = {1: 8, 4: 16, 16: 48, 64: 128}  # per closed-loop level
 POISSON = (3.0, 60)  # arrivals per second, requests
 NUM_BLOCKS, BLOCK_SIZE = 512, 16  # cbkernels' cache; transformers gets 32 x 256: the same 8,192 tokens
+MAX_NUM_SEQS, MAX_BATCH_TOKENS = 64, 1024  # cbkernels serve and the engine alone: one configuration
 COLUMNS = ["system", "mode", "clients", "requests", "ok", "errors", "5xx", "lost", "wall_s", "req_per_s",
            "out_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "loadavg_1m"]
 
@@ -85,12 +86,13 @@ def _server_argv(kind, model_dir, port, threads):
     if kind == "cbkernels":
         argv = [sys.executable, "-m", "cbkernels", "serve", "--model", str(model_dir), "--port", str(port),
                 "--served-model-name", "bench", "--num-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK_SIZE),
-                "--max-num-seqs", "64", "--max-queue", "256", "--log-level", "warning"]
+                "--max-num-seqs", str(MAX_NUM_SEQS), "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--max-queue", "256",
+                "--log-level", "warning"]
         return argv + (["--threads", str(threads)] if threads else [])
     return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
             "--continuous-batching", "--device", "cpu", "--dtype", "float32", "--port", str(port), "--host",
             "127.0.0.1", "--cb-block-size", "256", "--cb-num-blocks", str(NUM_BLOCKS * BLOCK_SIZE // 256),
-            "--cb-max-batch-tokens", "1024", "--attn-implementation", "sdpa", "--log-level", "warning"]
+            "--cb-max-batch-tokens", str(MAX_BATCH_TOKENS), "--attn-implementation", "sdpa", "--log-level", "warning"]
 
 
 def start_server(kind, model_dir, threads, workdir) -> ServerProcess:
@@ -178,7 +180,8 @@ def run_serve_bench(model=None, *, out_dir=None, max_tokens: int = 32, quick: bo
         prompts = encode_prompts(tokenizer, BENCH_PROMPTS)
         eos = tokenizer.eos_token_id
         gc = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=[eos], pad_token_id=eos)
-        engine = Engine(hf_model, BatchConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=64)).start()
+        engine = Engine(hf_model, BatchConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS,
+                                              max_batch_tokens=MAX_BATCH_TOKENS)).start()
         try:
             for kind, server in servers.items():
                 why = server.wait_ready()
