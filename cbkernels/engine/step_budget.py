@@ -3,23 +3,25 @@
 A running request gets one token a step, so its inter-token latency is the time of a step.
 ``StepTimeModel`` fits ``ms = a + b * tokens + c * sequences`` online by least squares over
 the recent steps (exponential forgetting, factor ``FORGET`` a step); ``StepBudget`` picks
-each step's token budget as the most tokens the model predicts to fit in the target, less
-the recent ``HEADROOM_Q`` quantile of how much steps overran their prediction. Decodes
-always fit (the budget never drops below the running requests), so what shrinks is the
-prefill packed beside them. Until ``WARMUP_STEPS`` steps were seen the budget ramps up
-from a small value, which also gives the fit a spread of step sizes.
+each step's token budget as the most tokens the model predicts to fit in ``scale * target``.
+``scale`` tracks the 99th percentile: after each step it is multiplied by
+``exp(-ETA * (exceeded - 0.01))`` (``exceeded``: 1 if the step took longer than the
+target), so it settles where 1% of steps exceed the target, the machine's jitter and the
+model's error included. Decodes always fit (the budget never drops below the running
+requests), so what shrinks is the prefill packed beside them. Until ``WARMUP_STEPS`` steps
+were seen the budget ramps up from a small value, which also gives the fit a spread of
+step sizes.
 """
 from __future__ import annotations
 
-from collections import deque
+import math
 
 import numpy as np
 
 FORGET = 0.99
 WARMUP_STEPS = 16
 REFIT_EVERY = 4
-HEADROOM_Q = 0.95
-RESIDUALS = 256
+ETA, MIN_SCALE, MAX_SCALE = 0.05, 0.1, 1.5
 
 
 class StepTimeModel:
@@ -31,8 +33,6 @@ class StepTimeModel:
         self.xty = np.zeros(3)
         self.coef = None  # (a, b, c) once fitted
         self.steps = 0
-        self.residuals: deque = deque(maxlen=RESIDUALS)  # observed - predicted, ms
-        self._headroom = 0.0
 
     def predict(self, tokens: float, seqs: float) -> float | None:
         if self.coef is None:
@@ -41,9 +41,6 @@ class StepTimeModel:
         return a + b * tokens + c * seqs
 
     def observe(self, tokens: int, seqs: int, ms: float) -> None:
-        guess = self.predict(tokens, seqs)
-        if guess is not None:
-            self.residuals.append(ms - guess)
         x = np.array([1.0, tokens, seqs])
         self.xtx = self.forget * self.xtx + np.outer(x, x)
         self.xty = self.forget * self.xty + x * ms
@@ -52,12 +49,6 @@ class StepTimeModel:
             ridge = 1e-6 * np.eye(3) * max(1.0, float(np.trace(self.xtx)))
             coef = np.linalg.solve(self.xtx + ridge, self.xty)
             self.coef = (float(coef[0]), max(0.0, float(coef[1])), max(0.0, float(coef[2])))
-            if self.residuals:
-                self._headroom = max(0.0, float(np.quantile(np.fromiter(self.residuals, float), HEADROOM_Q)))
-
-    @property
-    def headroom_ms(self) -> float:
-        return self._headroom
 
 
 class StepBudget:
@@ -71,6 +62,7 @@ class StepBudget:
         self.target_ms = float(target_ms)
         self.max_batch_tokens = max_batch_tokens
         self.model = StepTimeModel()
+        self.scale = 1.0  # the share of the target the model aims at (feedback on the observed p99)
 
     def budget(self, running: int) -> int:
         floor = min(self.max_batch_tokens, max(1, running))
@@ -79,10 +71,13 @@ class StepBudget:
             ramp = max(16, self.max_batch_tokens * (m.steps + 1) // (4 * WARMUP_STEPS))
             return max(floor, min(self.max_batch_tokens, ramp))
         a, b, c = m.coef
-        room = self.target_ms - m.headroom_ms - a - c * (running + 1)
+        room = self.scale * self.target_ms - a - c * (running + 1)
         if b <= 0.0:
             return self.max_batch_tokens if room > 0 else floor
         return max(floor, min(self.max_batch_tokens, int(room / b)))
 
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
-        self.model.observe(tokens, seqs, 1e3 * seconds)
+        ms = 1e3 * seconds
+        self.model.observe(tokens, seqs, ms)
+        exceeded = 1.0 if ms > self.target_ms else 0.0
+        self.scale = min(MAX_SCALE, max(MIN_SCALE, self.scale * math.exp(-ETA * (exceeded - 0.01))))
