@@ -159,3 +159,23 @@ def test_smollm2_tokens_identical_under_every_new_option():
         engine.step()
     assert [engine.get_result(i).generated_tokens for i in ids] == ref
     assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("target", [6.0, 15.0])
+def test_step_budget_puts_p99_at_the_target(target):
+    """A simulated machine: a step costs 1 ms + 0.05 ms a token + 0.1 ms a sequence, with
+    jitter (every 40th step 30% slower). The budget packs prefill until the step times' p99
+    sits at the target: not above it by more than 10%, not far below it either."""
+    from cbkernels.engine.step_budget import StepBudget
+
+    rng = random.Random(0)
+    budget, running, times = StepBudget(target, 1024), 20, []
+    for step in range(3000):
+        tokens = budget.budget(running)
+        assert running <= tokens <= 1024
+        ms = (1.0 + 0.05 * tokens + 0.1 * (running + 1)) * (1.3 if step % 40 == 0 else 1.0) * rng.uniform(0.95, 1.05)
+        budget.observe(tokens, running + 1, ms / 1e3)
+        times.append(ms)
+    recent = sorted(times[1000:])
+    p99 = recent[int(0.99 * len(recent))]
+    assert 0.75 * target <= p99 <= 1.1 * target
