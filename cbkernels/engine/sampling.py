@@ -14,6 +14,7 @@ The chosen tokens (and their log-probabilities) come back to the host in one cop
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Optional, Sequence
 
 import torch
@@ -89,9 +90,12 @@ def distinct_params(params: Sequence) -> list:
     return list({id(p): p for p in params}.values())
 
 
+_PLAIN_GREEDY = attrgetter("params.plain_greedy")
+
+
 def all_plain_greedy(requests: Sequence[Request]) -> bool:
     """Every row takes the argmax of its logits, unprocessed, without log-probabilities."""
-    return all(r.params.plain_greedy for r in requests)
+    return all(map(_PLAIN_GREEDY, requests))
 
 
 def sample(logits: torch.Tensor, requests: Sequence[Request], generator: Optional[torch.Generator]) -> list[int]:
