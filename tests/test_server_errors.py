@@ -196,3 +196,15 @@ def test_overload_is_429_with_retry_after(served):
         assert time.monotonic() < deadline, "admission slots were not given back"
         time.sleep(0.2)
     assert_still_serving(url)
+
+
+def test_seed_on_a_tensor_parallel_server_is_a_400(served, monkeypatch):
+    """A seeded request samples on a private engine, which a tensor-parallel server cannot
+    build on rank 0 alone: refused naming seed (not a 500), and unseeded requests still run."""
+    from cbkernels.engine.tp_layout import TPLayout
+
+    monkeypatch.setattr(served.engine.cache, "tp", TPLayout(size=2, rank=0, q_heads=1, kv_heads=1))
+    resp = httpx.post(served.base_url + CHAT, json=chat(seed=7, temperature=0.8), timeout=60)
+    err = assert_error_object(resp, 400, "seed", None)
+    assert "--tp 2" in err["message"]
+    assert_still_serving(served.base_url)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import APIError
+from .errors import APIError, bad_request
 from .stepper import Event, Stepper, Track
 
 SEEDED_ENGINES = 2  # private engines (seeded sampling) running at once; more wait their turn
@@ -156,6 +156,11 @@ class EngineBridge:
     async def submit(self, prompts: list[list[int]], generation_config, *, seed: Optional[int] = None,
                      logprobs: Optional[LogprobRequest] = None) -> Group:
         """Queue one engine request per prompt (choices repeat their prompt); 429 when full."""
+        tp = getattr(self.engine.cache, "tp", None)
+        if seed is not None and tp is not None and tp.is_parallel:
+            # A seeded request samples on a private engine, which every rank would have to build.
+            raise bad_request(f"seed is not supported by a tensor-parallel server (--tp {tp.size}): "
+                              "leave it out, or serve without --tp", param="seed")
         self._admit(len(prompts))
         stepper, owns = self.stepper, False
         if seed is not None:
