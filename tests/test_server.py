@@ -8,30 +8,18 @@ import secrets
 import httpx
 import pytest
 
-from cbkernels.server.testing import chat_ids, engine_greedy, engine_outputs
+from cbkernels.server.testing import QUESTIONS, chat_ids, engine_greedy, engine_outputs, served_model
 
 openai = pytest.importorskip("openai", reason="the server tests need the test extra (openai)")
 
 API_KEY = "sk-test-" + secrets.token_hex(8)
 MODEL = "smollm2-test"
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
-             "Name three planets.", "Why is the sky blue?", "What is 12 times 7?", "Give a tip for Python.",
-             "Summarise Romeo and Juliet."]
 
 
 @pytest.fixture(scope="session")
 def served():
-    from cbkernels import BatchConfig, Engine
-    from cbkernels.server import ServerSettings, create_app
-    from cbkernels.server.testing import ServerThread, serving_model
-
-    model, tok = serving_model()
-    # backend="torch": the test session sets TRITON_INTERPRET=1, and interpreted kernels would take minutes.
-    engine = Engine(model, BatchConfig(num_blocks=512, block_size=16, max_batch_tokens=512, max_num_seqs=32,
-                                       backend="torch"))
-    settings = ServerSettings(model_name=MODEL, api_key=API_KEY, max_waiting=32, max_body_bytes=1 << 20)
-    with ServerThread(create_app(engine, tok, settings)) as srv:
-        srv.engine, srv.tokenizer, srv.model = engine, tok, model
+    with served_model(num_blocks=512, max_batch_tokens=512, max_num_seqs=32, model_name=MODEL, api_key=API_KEY,
+                      max_waiting=32, max_body_bytes=1 << 20) as srv:
         yield srv
 
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from cbkernels.server.testing import chat_ids
+from cbkernels.server.testing import chat_ids, served_model
 
 openai = pytest.importorskip("openai", reason="the server tests need the test extra (openai)")
 
@@ -20,16 +20,8 @@ MSG = [{"role": "user", "content": "Say hi."}]
 
 @pytest.fixture(scope="module")
 def served():
-    from cbkernels import BatchConfig, Engine
-    from cbkernels.server import ServerSettings, create_app
-    from cbkernels.server.testing import ServerThread, serving_model
-
-    model, tok = serving_model()
-    engine = Engine(model, BatchConfig(num_blocks=64, block_size=16, max_batch_tokens=256, max_num_seqs=2,
-                                       backend="torch"))
-    settings = ServerSettings(model_name=MODEL, max_waiting=1, max_body_bytes=BODY_LIMIT)
-    with ServerThread(create_app(engine, tok, settings)) as srv:
-        srv.engine, srv.tokenizer, srv.model = engine, tok, model
+    with served_model(num_blocks=64, max_batch_tokens=256, max_num_seqs=2, model_name=MODEL, max_waiting=1,
+                      max_body_bytes=BODY_LIMIT) as srv:
         yield srv
 
 

@@ -8,28 +8,17 @@ import time
 import httpx
 import pytest
 
-from cbkernels.server.testing import chat_ids, engine_greedy
+from cbkernels.server.testing import QUESTIONS, chat_ids, engine_greedy, served_model
 
 openai = pytest.importorskip("openai", reason="the server tests need the test extra (openai)")
 
 MODEL = "smollm2-load"
 CLIENTS, MAX_NEW, LEAVER_MAX_NEW = 32, 12, 200
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
-             "Name three planets.", "Why is the sky blue?", "What is 12 times 7?", "Give a tip for Python.",
-             "Summarise Romeo and Juliet."]
 
 
 @pytest.fixture(scope="module")
 def served():
-    from cbkernels import BatchConfig, Engine
-    from cbkernels.server import ServerSettings, create_app
-    from cbkernels.server.testing import ServerThread, serving_model
-
-    model, tok = serving_model()
-    engine = Engine(model, BatchConfig(num_blocks=512, block_size=16, max_batch_tokens=512, max_num_seqs=16,
-                                       backend="torch"))
-    with ServerThread(create_app(engine, tok, ServerSettings(model_name=MODEL, max_waiting=16))) as srv:
-        srv.engine, srv.tokenizer = engine, tok
+    with served_model(num_blocks=512, max_batch_tokens=512, max_num_seqs=16, model_name=MODEL, max_waiting=16) as srv:
         yield srv
 
 

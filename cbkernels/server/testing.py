@@ -10,7 +10,13 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+# Chat questions the server tests send.
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
+             "Name three planets.", "Why is the sky blue?", "What is 12 times 7?", "Give a tip for Python.",
+             "Summarise Romeo and Juliet."]
 
 
 def free_port() -> int:
@@ -101,6 +107,24 @@ class ServerThread:
         self.server.should_exit = True
         self._thread.join(timeout=60)
         self._sock.close()
+
+
+@contextmanager
+def served_model(*, num_blocks: int, max_batch_tokens: int, max_num_seqs: int, **settings):
+    """The server's app on a private copy of the default model, in a ``ServerThread``:
+    ``settings`` are ``ServerSettings`` fields (model_name, api_key, max_waiting, ...). The
+    engine runs the PyTorch backend (a test session sets TRITON_INTERPRET=1, and interpreted
+    kernels would take minutes); the thread carries ``engine``, ``tokenizer`` and ``model``."""
+    from cbkernels import BatchConfig, Engine
+
+    from .app import ServerSettings, create_app
+
+    model, tok = serving_model()
+    engine = Engine(model, BatchConfig(num_blocks=num_blocks, block_size=16, max_batch_tokens=max_batch_tokens,
+                                       max_num_seqs=max_num_seqs, backend="torch"))
+    with ServerThread(create_app(engine, tok, ServerSettings(**settings))) as srv:
+        srv.engine, srv.tokenizer, srv.model = engine, tok, model
+        yield srv
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
