@@ -156,7 +156,7 @@ class EngineBridge:
     async def submit(self, prompts: list[list[int]], generation_config, *, seed: Optional[int] = None,
                      logprobs: Optional[LogprobRequest] = None) -> Group:
         """Queue one engine request per prompt (choices repeat their prompt); 429 when full."""
-        tp = getattr(self.engine.cache, "tp", None)
+        tp = self.engine.cache.tp
         if seed is not None and tp is not None and tp.is_parallel:
             # A seeded request samples on a private engine, which every rank would have to build.
             raise bad_request(f"seed is not supported by a tensor-parallel server (--tp {tp.size}): "
