@@ -89,8 +89,8 @@ class AttentionBackend(ABC):
     def build(self, plan: StepPlan) -> StepMetadata:
         """Device metadata of one step: one host-to-device copy of the plan's integers, the
         block-table updates applied, then everything else computed on the device."""
-        step = StepTensors(plan, self.device)
         tables = self.cache.device_tables
+        step = StepTensors(plan, self.device, tables.flat_updates(plan.table_updates))
         tables.apply(step.table_updates)
         groups = []
         for g, window in enumerate(plan.windows):

@@ -115,9 +115,10 @@ class StepTensors:
 
     __slots__ = ("input_ids", "positions", "seq_lens", "cu_seqlens_q", "rows", "table_updates", "token_rows", "_host")
 
-    def __init__(self, plan: StepPlan, device: torch.device):
+    def __init__(self, plan: StepPlan, device: torch.device, table_updates: list[int]):
+        """``table_updates``: the plan's table updates as (flat index, block id) pairs."""
         cu = plan.cu_seqlens_q
-        values = plan.input_ids + plan.positions + plan.seq_lens + cu + plan.rows + plan.from_previous + plan.table_updates
+        values = plan.input_ids + plan.positions + plan.seq_lens + cu + plan.rows + plan.from_previous + table_updates
         # array -> tensor without a per-element Python conversion (torch.tensor of a list is
         # several times slower at a few thousand ints); the tensor shares the array's memory.
         self._host = array("q", values)

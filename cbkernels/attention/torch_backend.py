@@ -54,7 +54,7 @@ class TorchBackend(AttentionBackend):
             # Decided on host ints (no device read): a mask is needed unless every decode row
             # sees every gathered position. Static buffers (CUDA-graph buckets) always carry one.
             if plan.padded or min(lens) != nb * bs or (window is not None and window < nb * bs):
-                last = (step.seq_lens[:nd] - 1).unsqueeze(1)  # [Bd, 1] each row's own position
+                last = step.positions[:nd].unsqueeze(1)  # [Bd, 1] each decode row's own position
                 seen = torch_path.visible(last, self._positions(nb * bs), window)  # [Bd, nb * bs]
                 meta.decode_mask = seen.view(nd, 1, 1, nb * bs)
         for b in range(nd, len(plan.seq_lens)):

@@ -93,10 +93,17 @@ class DeviceBlockTables:
                     break
         return rows
 
+    def flat_updates(self, quads: list[int]) -> list[int]:
+        """(group, row, column, block id) quadruples as (index into ``all``, block id) pairs,
+        for the tables' shape now (rows and width only grow while a step is planned, so this
+        runs just before the step's copy to the device)."""
+        rows, width = self.num_rows, self.width
+        it = iter(quads)
+        return [v for g, row, col, block in zip(it, it, it, it) for v in ((g * rows + row) * width + col, block)]
+
     def apply(self, updates: torch.Tensor) -> None:
-        """Write ``updates`` ([4 * n] int64 on the device, see ``pending_updates``)."""
+        """Write ``updates`` ([2 * n] int64 on the device, from ``flat_updates``)."""
         if updates.numel() == 0:
             return
-        quads = updates.view(-1, 4)
-        flat = (quads[:, 0] * self.num_rows + quads[:, 1]) * self.width + quads[:, 2]
-        self.all.view(-1).index_copy_(0, flat, quads[:, 3].to(torch.int32))
+        pairs = updates.view(-1, 2)
+        self.all.view(-1).index_copy_(0, pairs[:, 0], pairs[:, 1].to(torch.int32))

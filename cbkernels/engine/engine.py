@@ -250,8 +250,8 @@ class Engine:
         self.num_steps += 1
         for req in batch.failed:
             self._stats.record_request(req.to_output())
-        for req in batch.requests:
-            if req.first_scheduled_time is None:
+        for req in batch.started:  # a request's first step (a preempted one keeps its first)
+            if req.first_scheduled_time is None and req in batch.members:
                 req.first_scheduled_time, req.first_scheduled_step = start, self.num_steps - 1
         launched, error = None, None
         try:

@@ -113,13 +113,15 @@ class ModelRunner:
             order = sorted(range(len(batch.requests)), key=lambda i: batch.num_tokens[i] != 1)  # one-row first
             requests = [batch.requests[i] for i in order]
             counts = [batch.num_tokens[i] for i in order]
-        # The rows that end their request's known tokens sample (Request.remaining, inlined).
-        sampling = [i for i, (r, n) in enumerate(zip(requests, counts))
-                    if n == len(r.tokens) + r.pending - r.num_computed]
+        # The rows that end their request's known tokens sample (the scheduler counted them).
+        if batch.samples == len(requests):
+            sampling = range(len(requests))
+        else:
+            sampling = [i for i, (r, n) in enumerate(zip(requests, counts)) if n == r.remaining]
         bucket = self.graphs.bucket_for(requests, counts) if self.graphs is not None else None
         logits = self.graphs.run(requests, bucket) if bucket is not None else None
         if logits is not None:  # one row per request
-            logits = logits[sampling]
+            logits = logits if len(sampling) == len(requests) else logits[sampling]
         else:
             self.eager_steps += 1
             logits = self._eager(requests, counts, sampling)
@@ -136,7 +138,7 @@ class ModelRunner:
         start = time.perf_counter()
         order, requests, sampling, logits = self._forward_batch(batch)
         sampled_at = time.perf_counter()
-        rows = [requests[i] for i in sampling]
+        rows = requests if len(sampling) == len(requests) else [requests[i] for i in sampling]
         tokens = sample_on_device(logits, rows, self.generator) if on_device and sampling else None
         step = InFlightStep(batch, order, sampling, rows, logits, tokens)
         self.previous = step if tokens is not None else None
@@ -153,7 +155,9 @@ class ModelRunner:
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:
         plan = self.plan(requests, num_tokens)
         meta = self.backend.build(plan)
-        if len(sampling) == len(requests):  # every sequence samples its last row: derived on the device
+        if len(sampling) == len(requests) and plan.num_decodes == len(requests):
+            keep = 0  # one row per sequence, every one samples: all rows (transformers' logits_to_keep=0)
+        elif len(sampling) == len(requests):  # every sequence samples its last row: derived on the device
             keep = meta.cu_seqlens_q[1:].to(torch.int64) - 1
         else:
             cu = plan.cu_seqlens_q  # host ints: no device-to-host read

@@ -18,7 +18,7 @@ class RequestStatus(str, Enum):
 
 
 S = RequestStatus
-_TERMINAL = {S.FINISHED, S.FAILED}
+TERMINAL = frozenset({S.FINISHED, S.FAILED})  # no way out of these
 # Preemption (back to PENDING) is legal from every state that holds cache blocks;
 # FINISHED from every live state covers cancellation and a first token that ends the request.
 ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset] = {
@@ -199,7 +199,7 @@ class Request:
 
     @property
     def is_done(self) -> bool:
-        return self.status in _TERMINAL
+        return self.status in TERMINAL
 
     def transition(self, new: RequestStatus) -> None:
         if new not in ALLOWED_TRANSITIONS[self.status]:
@@ -224,6 +224,26 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
+
+    def add_token(self, token, now: float) -> Optional[str]:
+        """``append_token`` then ``stop_reason`` in one call (the per-request work of every
+        step's read-back); a plain int token takes the short way."""
+        if type(token) is not int:
+            self.append_token(token, now)
+            return self.stop_reason()
+        tokens, params = self.tokens, self.params
+        tokens.append(token)
+        self.token_times.append(now)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        if token in params.eos_token_ids:
+            return "eos"
+        if params.stop_check is not None and params.stop_check(tokens):
+            return "stop"
+        if len(tokens) - self.prompt_len >= params.max_new_tokens:
+            return "length"
+        return None
 
     def stop_reason(self) -> Optional[str]:
         gen = len(self.tokens) - self.prompt_len
@@ -280,7 +300,7 @@ class RequestOutput:
 
     def is_finished(self) -> bool:
         """Finished, cancelled or failed (transformers' ``GenerationOutput.is_finished``)."""
-        return self.status in _TERMINAL
+        return self.status in TERMINAL
 
     @property
     def mean_itl_s(self) -> Optional[float]:

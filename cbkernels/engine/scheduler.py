@@ -27,7 +27,7 @@ from .allocators import OutOfBlocks
 from .cache import PagedAttentionCache
 from .inputs import check_count
 from .length_model import LengthModel
-from .requests import Request, RequestStatus as S
+from .requests import TERMINAL, Request, RequestStatus as S
 from .scheduler_names import SCHEDULER_NAMES
 from .waiting import AGING_STEPS, WaitQueue
 
@@ -43,6 +43,8 @@ class ScheduledBatch:
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
     members: set = field(default_factory=set)  # the scheduled requests, for O(1) membership
+    started: list[Request] = field(default_factory=list)  # admitted or forked this step (may not run)
+    samples: int = 0  # scheduled requests whose new tokens end their known tokens: they sample
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -172,12 +174,15 @@ class Scheduler(AdaptiveScheduling):
         """The half of ``postprocess`` that needs no token values: computed tokens, prefix
         hashes, states; a row that samples leaves a pending token. With asynchronous scheduling
         this runs as soon as a step is launched, so the next step can be scheduled."""
-        commit_cache, decoding = self.cache.commit, S.DECODING
+        cache, decoding, terminal = self.cache, S.DECODING, TERMINAL
+        # The cache has work only for sliding rings, or for blocks that filled up (to hash).
+        sliding, hashing, bs = bool(cache.sliding_allocators), cache.prefix_caching, cache.block_size
         for req, n, sampled in zip(batch.requests, batch.num_tokens, samples):
-            if req.is_done:  # finished or cancelled while this step was in flight
+            if req.status in terminal:  # finished or cancelled while this step was in flight
                 continue
-            req.num_computed += n
-            commit_cache(req)
+            computed = req.num_computed = req.num_computed + n
+            if sliding or (hashing and len(req.block_hashes) < computed // bs):
+                cache.commit(req)
             if not sampled:  # a prefill chunk short of the prompt's end
                 req.transition(S.SPLIT_PENDING_REMAINDER)
                 continue
@@ -189,18 +194,17 @@ class Scheduler(AdaptiveScheduling):
         """The half of ``postprocess`` that needs the sampled tokens: append them, and finish
         (freeing their blocks) the requests that hit a stop condition. Returns those; ``made``
         (if given) gains a (request_id, token) pair for every token appended."""
-        finished = []
+        finished, terminal = [], TERMINAL
         for req, token in zip(batch.requests, sampled):
             if token is None:
                 continue
-            if req.is_done:  # cancelled or failed while its token was in flight
+            if req.status in terminal:  # cancelled or failed while its token was in flight
                 req.pending = 0
                 continue
             if made is not None and req.pending > 0:
                 made.append((req.request_id, token))
             req.pending -= 1
-            req.append_token(token, now)
-            reason = req.stop_reason()
+            reason = req.add_token(token, now)
             if reason is not None:
                 req.transition(S.FINISHED)
                 req.finish_reason, req.finish_time = reason, now
@@ -234,6 +238,7 @@ class Scheduler(AdaptiveScheduling):
         batch.requests.append(req)
         batch.members.add(req)
         batch.num_tokens.append(n)
+        batch.samples += n == req.remaining
         self._budget -= n
         self._mark(req, n)
         if fork:
@@ -257,6 +262,7 @@ class Scheduler(AdaptiveScheduling):
             child.transition(S.PREFILLING_SPLIT)  # its prompt, but the last token, is computed
             child.transition(S.SPLIT_PENDING_REMAINDER)
             self.running[child] = None
+            batch.started.append(child)
             child.predicted_output = parent.predicted_output
             if self.predictive is not None:
                 self.predictive.add(child, self.steps)
@@ -274,27 +280,36 @@ class Scheduler(AdaptiveScheduling):
             req.transition(S.PREFILLING if n == req.remaining else S.PREFILLING_SPLIT)
 
     def _decodes(self, batch: ScheduledBatch) -> None:
-        """Every running decode's next token; ``_take``'s common case (its blocks hold the slot)
-        inlined, as this runs for every request every step. The rest goes through ``_take``."""
+        """Every running decode's next token; ``_take``'s common case inlined, as this runs for
+        every request every step: a decode whose new token falls inside its last block (its
+        tables cover every computed token, so that block is held) reserves nothing. The rest
+        goes through ``_take``."""
         members, requests, counts, reserve = batch.members, batch.requests, batch.num_tokens, self.cache.reserve
-        decoding = S.DECODING  # a local: an enum member looked up on its class costs more than the test
-        for req in list(self.running):
+        decoding, running, bs = S.DECODING, self.running, self.cache.block_size  # locals: enum lookups cost
+        taken = 0
+        for req in list(running):
             if self._budget <= 0:
-                return
-            if req.status is not decoding or req in members or req not in self.running or req.saturated:
+                break
+            if req.status is not decoding or req in members or req not in running:
                 continue
-            if req.pending_children or len(req.tokens) + req.pending - req.num_computed != 1:
+            known, pending, computed = len(req.tokens), req.pending, req.num_computed
+            if pending and known + pending - req.prompt_len >= req.params.max_new_tokens:
+                continue  # saturated: its in-flight token is its last
+            if req.pending_children or known + pending - computed != 1:
                 self._take(batch, req)
                 continue
-            try:
-                reserve(req, 1)
-            except OutOfBlocks:  # _take preempts for it (or steps it back)
-                self._take(batch, req)
-                continue
+            if computed % bs == 0:  # the new token opens a block
+                try:
+                    reserve(req, 1)
+                except OutOfBlocks:  # _take preempts for it (or steps it back)
+                    self._take(batch, req)
+                    continue
             requests.append(req)
             members.add(req)
             counts.append(1)
+            taken += 1
             self._budget -= 1
+        batch.samples += taken  # every inlined decode samples
 
     def _continuing_prefills(self, batch: ScheduledBatch) -> None:
         for req in list(self.running):
@@ -326,6 +341,7 @@ class Scheduler(AdaptiveScheduling):
                 return
             self.waiting.popleft()
             self.running[req] = None
+            batch.started.append(req)
             if req.predicted_output is None:
                 req.predicted_output = self.length_model.predict(req.prompt_len, req.params.max_new_tokens, 0, QUANTILE)
             if req.dropped_tokens:
