@@ -94,10 +94,11 @@ class AttentionBackend(ABC):
         tables.apply(step.table_updates)
         groups = []
         for g, window in enumerate(plan.windows):
-            block_tables = tables.table(g).index_select(0, step.rows)
+            table = tables.table(g)
+            block_tables = table.index_select(0, step.rows)
             if plan.table_width is not None:
-                block_tables = block_tables[:, :plan.table_width]
-            slots = slot_mapping(tables.table(g), step, plan.block_size, plan.num_padding)
+                block_tables = block_tables.narrow(1, 0, plan.table_width)
+            slots = slot_mapping(table, step, plan.block_size, plan.num_padding)
             groups.append(self.build_group(plan, step, block_tables, slots, window))
         t = len(plan.input_ids)
         return self.metadata_class()(

@@ -50,13 +50,15 @@ class TorchBackend(AttentionBackend):
             lens = plan.seq_lens if nd == len(plan.seq_lens) else plan.seq_lens[:nd]
             longest = plan.max_seqlen_k if plan.padded else max(lens)
             nb = -(-longest // bs)
-            meta.decode_blocks = block_tables[:nd, :nb]  # whole blocks: nb indices a row, not nb * bs
+            rows = block_tables if nd == len(plan.seq_lens) else block_tables.narrow(0, 0, nd)
+            meta.decode_blocks = rows.narrow(1, 0, nb)  # whole blocks: nb indices a row, not nb * bs
             # Decided on host ints (no device read): a mask is needed unless every decode row
             # sees every gathered position. Static buffers (CUDA-graph buckets) always carry one.
             if plan.padded or min(lens) != nb * bs or (window is not None and window < nb * bs):
-                last = step.positions[:nd].unsqueeze(1)  # [Bd, 1] each decode row's own position
-                seen = torch_path.visible(last, self._positions(nb * bs), window)  # [Bd, nb * bs]
-                meta.decode_mask = seen.view(nd, 1, 1, nb * bs)
+                # [Bd, 1, 1, 1] each decode row's own position against [nb * bs] gathered ones
+                last = (step.positions if nd == len(step.positions) else step.positions.narrow(0, 0, nd))
+                seen = torch_path.visible(last.view(nd, 1, 1, 1), self._positions(nb * bs), window)
+                meta.decode_mask = seen  # [Bd, 1, 1, nb * bs]
         for b in range(nd, len(plan.seq_lens)):
             if plan.seq_lens[b] == plan.query_lens[b]:
                 meta.prefix_slots.append(None)  # whole prompt in this step: keys are the new rows

@@ -81,16 +81,16 @@ class DeviceBlockTables:
     def sync_rows(self, request_ids, host_tables: list[dict[str, list[int]]], out: list[int]) -> list[int]:
         """``pending_updates`` for many requests at once (``host_tables``: each group's
         allocator tables by request id); returns their rows. A request whose tables did not
-        grow since the last step costs two dict lookups per group."""
-        rows, row_of, no_blocks = [], self.row_of, ()
-        groups = list(zip(host_tables, self.synced))
-        for rid in request_ids:
-            row = row_of.get(rid)
-            rows.append(self.row(rid) if row is None else row)
-            for tables, synced in groups:
-                if len(tables.get(rid, no_blocks)) != synced.get(rid, 0):
-                    self.pending_updates(rid, [t.get(rid, []) for t in host_tables], out)
-                    break
+        grow since the last step costs a few dict lookups."""
+        get_row = self.row_of.get
+        rows = [get_row(rid) for rid in request_ids]
+        if None in rows:  # first step of some requests: give them rows
+            rows = [self.row(rid) if row is None else row for rid, row in zip(request_ids, rows)]
+        for tables, synced in zip(host_tables, self.synced):
+            get_table, get_synced = tables.get, synced.get
+            grown = [rid for rid in request_ids if len(get_table(rid, ())) != get_synced(rid, 0)]
+            for rid in grown:
+                self.pending_updates(rid, [t.get(rid, []) for t in host_tables], out)
         return rows
 
     def flat_updates(self, quads: list[int]) -> list[int]:

@@ -52,22 +52,23 @@ class ModelRunner:
         """Host plan of a step; ``requests`` must list one-row requests first. Work per
         request is O(1) for a decode (block tables stay on the device; only entries appended
         since the last step are sent)."""
-        ids, positions, seq_lens, from_previous = [], [], [], []
-        previous_rows = self.previous.rows_of if self.previous is not None else {}
-        num_decodes = 0
-        for req, n in zip(requests, num_tokens):  # the decodes: one token each
-            if n != 1:
-                break
-            start = req.num_computed
-            tokens = req.tokens
-            if start == len(tokens):  # its input is the token the last step sampled
-                from_previous += (num_decodes, previous_rows[req])
-                ids.append(0)
-            else:
-                ids.append(tokens[start])
-            positions.append(start)
-            seq_lens.append(start + 1)
-            num_decodes += 1
+        num_decodes = len(num_tokens) if max(num_tokens, default=1) == 1 else next(
+            i for i, n in enumerate(num_tokens) if n != 1)
+        decodes = requests[:num_decodes] if num_decodes < len(requests) else requests
+        positions = [req.num_computed for req in decodes]  # one token each, at its next position
+        seq_lens = [p + 1 for p in positions]
+        from_previous = []
+        try:
+            ids = [req.tokens[p] for req, p in zip(decodes, positions)]
+        except IndexError:  # some inputs are tokens the last step sampled, still on the device
+            previous_rows = self.previous.rows_of
+            ids = []
+            for i, (req, p) in enumerate(zip(decodes, positions)):
+                if p == len(req.tokens):
+                    from_previous += (i, previous_rows[req])
+                    ids.append(0)
+                else:
+                    ids.append(req.tokens[p])
         for req, n in zip(requests[num_decodes:], num_tokens[num_decodes:]):  # prefill chunks
             start = req.num_computed
             ids += req.tokens[start:start + n]
