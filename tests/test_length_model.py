@@ -58,6 +58,18 @@ def test_prior_until_enough_finished():
     assert lm.predict(30, 200) <= 10 + 256 / BINS
 
 
+def test_knows_once_a_bucket_has_enough_finished():
+    lm = LengthModel()
+    assert not lm.knows(40, 300)
+    for k in range(MIN_SAMPLES - 1):
+        lm.record(40, 300, 100)
+    assert not lm.knows(40, 300)
+    lm.record(40, 300, 100)
+    assert lm.knows(40, 300)
+    assert lm.knows(1000, 300)  # the max_new_tokens bucket alone is enough (predict falls back to it)
+    assert not lm.knows(40, 2000)
+
+
 def test_conditioning_on_generated_tokens():
     lm = LengthModel()
     for i in range(400):

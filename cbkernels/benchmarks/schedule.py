@@ -21,179 +21,33 @@ throughput. The embedded SmolLM2 runs a short part 1 on the bimodal workload
 """
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections import defaultdict
 
 from .common import device_name, pyplot, report
+from .schedule_runs import CAP, PRIORITIES, WORKLOADS, _config, arrivals, capacity, draw, run_one, run_pair
 
-# name -> (number of requests, draw(rng) -> (prompt_len, output_len))
-CAP = 384  # max_new_tokens of every request
-PRIORITIES = (0, 1, 2)
-PRIORITY_WEIGHTS = (0.6, 0.3, 0.1)
 OVERLOAD = 1.5
 FIXED_BUDGETS = (32, 64, 128, 256, 512)
 BUDGET_REQUESTS = 100
 TARGET_FACTORS = (3.0, 5.0)
+WARMUP = 64  # requests served before the measured ones (both admission modes)
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
 SMOL = dict(num_blocks=32, block_size=16, max_num_seqs=16, max_batch_tokens=256)
 
 
-def _uniform(rng):
-    return rng.randint(16, 96), rng.randint(8, 192)
-
-
-def _long_tailed(rng):
-    return rng.randint(16, 96), min(CAP, max(1, round(rng.lognormvariate(math.log(24), 1.0))))
-
-
-def _bimodal(rng):
-    if rng.random() < 0.75:
-        return rng.randint(16, 64), rng.randint(8, 40)  # chat
-    return rng.randint(160, 320), rng.randint(160, 320)  # a long document, a long answer
-
-
-WORKLOADS = {"uniform": _uniform, "long_tailed": _long_tailed, "bimodal": _bimodal}
-
-
-def draw(workload: str, n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, int, int]]:
-    """(prompt_len, output_len, priority) of ``n`` requests; ``scale`` shrinks both lengths."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p, o = WORKLOADS[workload](rng)
-        out.append((max(1, round(p * scale)), max(1, round(o * scale)),
-                    rng.choices(PRIORITIES, PRIORITY_WEIGHTS)[0]))
-    return out
-
-
-def arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    """Poisson arrival times (seconds from the start) at ``rate`` requests per second."""
-    rng, t, out = random.Random(seed + 1), 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate) if math.isfinite(rate) else 0.0
-    return out
-
-
-def _stop_at(total: int):
-    return lambda tokens: len(tokens) >= total
-
-
-def _pct(values, q):
-    from ..engine.metrics import percentile
-
-    v = percentile(values, q)
-    return None if v is None else 1e3 * v
-
-
-class _Clock:
-    """Seconds since the start: wall time, or (``cpu=True``) this process's CPU time plus the
-    idle gaps skipped while waiting for arrivals. On a machine shared with other jobs the CPU
-    clock measures the engine alone: with one torch thread it is what a quiet machine's wall
-    clock would read."""
-
-    def __init__(self, cpu: bool):
-        self.cpu, self.skipped = cpu, 0.0
-        self.t0 = time.process_time() if cpu else time.perf_counter()
-
-    def now(self) -> float:
-        return (time.process_time() if self.cpu else time.perf_counter()) - self.t0 + self.skipped
-
-    def wait_until(self, t: float) -> None:
-        if self.cpu:
-            self.skipped += max(0.0, t - self.now())
-        else:
-            time.sleep(max(0.0, t - self.now()))
-
-
-def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int = 0, cpu_clock: bool = True) -> dict:
-    """Serve ``specs`` arriving at ``times`` on a fresh engine; the measured row. Arrivals,
-    TTFT, ITL, waits and throughput are read on ``_Clock(cpu_clock)`` after every step."""
-    from transformers import GenerationConfig
-
-    from ..engine import Engine
-
-    rng = random.Random(seed + 2)
-    engine = Engine(model, config)
-    gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=None, pad_token_id=0)
-    reqs, live, i = [], [], 0
-    token_times, scheduled, arrived = defaultdict(list), {}, {}
-    clock = _Clock(cpu_clock)
-    while i < len(specs) or engine.scheduler.has_work():
-        while i < len(specs) and times[i] <= clock.now():
-            p, o, prio = specs[i]
-            rid = engine.add_request([rng.randrange(1, vocab) for _ in range(p)], gc, f"r{i}", priority=prio)
-            req = engine.requests[rid]
-            req.params.stop_check = _stop_at(p + o)
-            reqs.append(req)
-            live.append(req)
-            arrived[req] = times[i]
-            i += 1
-        if not engine.scheduler.has_work():
-            clock.wait_until(times[i])
-            continue
-        engine.step()
-        t = clock.now()
-        for req in live:
-            if req not in scheduled and req.first_scheduled_step is not None:
-                scheduled[req] = t
-            got = token_times[req]
-            got.extend([t] * (len(req.tokens) - req.prompt_len - len(got)))
-        live = [r for r in live if not r.is_done]
-    elapsed = clock.now()
-    m = engine.metrics()
-    if engine.cache.get_num_free_blocks() != engine.cache.num_blocks:
-        raise RuntimeError("blocks left in use after the run")
-    # Each request ends at its drawn length, or earlier at the model's own EOS (a real model).
-    bad = [r.request_id for r in reqs if r.error or (len(r.generated) != specs[int(r.request_id[1:])][1]
-                                                     and r.finish_reason != "eos")]
-    if bad:
-        raise RuntimeError(f"requests ended wrong: {bad[:5]}")
-    generated = sum(len(r.generated) for r in reqs)
-    ttft = [token_times[r][0] - arrived[r] for r in reqs]
-    itl = [b - a for r in reqs for a, b in zip(token_times[r], token_times[r][1:])]
-    waits = defaultdict(float)
-    for r in reqs:
-        waits[r.priority] = max(waits[r.priority], scheduled[r] - arrived[r])
-    row = dict(admission=config.admission, budget="adaptive" if config.target_itl_ms else config.max_batch_tokens,
-               target_itl_ms=config.target_itl_ms, clock="cpu" if cpu_clock else "wall", requests=len(reqs),
-               preemptions=m["preemptions"], recomputed_tokens=m["recomputed_tokens"],
-               output_tok_s=generated / (elapsed - times[0]),
-               ttft_p50_ms=_pct(ttft, 0.5), ttft_p99_ms=_pct(ttft, 0.99),
-               itl_p50_ms=_pct(itl, 0.5), itl_p99_ms=_pct(itl, 0.99),
-               prediction_error=m["length_prediction_error"], deferred=m["admissions_deferred_by_prediction"],
-               mean_budget=m["step_budget_mean_tokens"], steps=m["steps"])
-    row.update({f"longest_wait_p{p}_s": waits.get(p) for p in PRIORITIES})
-    print(f"  {config.admission:>10} budget {row['budget']}: {row['output_tok_s']:.0f} tok/s, "
-          f"({row['clock']} clock), "
-          f"{row['preemptions']} preemptions, {row['recomputed_tokens']} recomputed, p99 ITL {row['itl_p99_ms']:.1f} ms",
-          flush=True)
-    return row
-
-
-def _config(admission: str, sizes: dict, **kw):
-    from ..engine import BatchConfig
-
-    return BatchConfig(backend="torch", prefix_caching=False, admission=admission, **{**sizes, **kw})
-
-
-def capacity(model, specs, sizes, vocab, cap, cpu_clock: bool = True) -> float:
-    """Requests per second greedy admission serves with everything queued at once."""
-    row = run_one(model, specs, [0.0] * len(specs), _config("greedy", sizes), vocab, cap, cpu_clock=cpu_clock)
-    return row["requests"] * row["output_tok_s"] / sum(s[1] for s in specs)
-
-
-def part_admission(model, workloads, n, sizes, vocab, cap, scale=1.0, label="tiny", repeats=1) -> list[dict]:
+def part_admission(model, workloads, n, sizes, vocab, cap, scale=1.0, label="tiny", repeats=1,
+                   warmup: int = WARMUP) -> list[dict]:
+    """Per workload: ``repeats`` interleaved greedy/predictive pairs (``run_pair``), each engine
+    first served ``warmup`` requests of the same workload (other draws), unmeasured."""
     rows = []
     for w in workloads:
-        print(f"{label} {w}: {n} requests", flush=True)
-        specs = draw(w, n, seed=0, scale=scale)
+        print(f"{label} {w}: {n} requests after {warmup} warm-up requests", flush=True)
+        specs, warm = draw(w, n, seed=0, scale=scale), draw(w, warmup, seed=100, scale=scale)
         times = arrivals(n, OVERLOAD * capacity(model, specs, sizes, vocab, cap))
         for rep in range(repeats):
-            for admission in ("greedy", "predictive"):
-                row = run_one(model, specs, times, _config(admission, sizes), vocab, cap, seed=rep)
+            modes = ("greedy", "predictive") if rep % 2 == 0 else ("predictive", "greedy")
+            for row in run_pair(model, specs, times, [_config(m, sizes) for m in modes], vocab, cap, rep, warm):
                 rows.append(dict(part="admission", model=label, workload=w, repeat=rep, **row))
     return rows
 

@@ -46,6 +46,7 @@ class PredictiveAdmission:
         self.final = np.zeros(capacity)  # predicted final length, tokens
         self.end = np.zeros(capacity)  # predicted step of the last token
         self.alive = np.zeros(capacity, dtype=bool)
+        self.known = np.zeros(capacity, dtype=bool)  # False: the length model had nothing to predict with
         self.owner: list = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self.margin = 0.0
@@ -62,11 +63,16 @@ class PredictiveAdmission:
             self.final = np.concatenate([self.final, np.zeros(n)])
             self.end = np.concatenate([self.end, np.zeros(n)])
             self.alive = np.concatenate([self.alive, np.zeros(n, dtype=bool)])
+            self.known = np.concatenate([self.known, np.zeros(n, dtype=bool)])
             self.owner += [None] * n
             self._free = list(range(2 * n - 1, n - 1, -1))
         return self._free.pop()
 
-    def _predict(self, req, step: int) -> tuple[float, float]:
+    def _predict(self, req, step: int) -> tuple[float, float, bool]:
+        """(predicted final length, predicted step of its last token, whether the length model
+        knew anything); with nothing learned for its bucket a request counts what it holds now."""
+        if not self.model.knows(req.prompt_len, req.params.max_new_tokens):
+            return float(len(req.tokens)), float(step), False
         generated = len(req.tokens) - req.prompt_len
         out = self.model.predict(req.prompt_len, req.params.max_new_tokens, generated, self.quantile)
         final = req.prompt_len + out
@@ -74,13 +80,13 @@ class PredictiveAdmission:
         # max_batch_tokens, then one token a step.
         todo = len(req.tokens) - req.num_computed
         prefill_steps = max(1, -(-todo // self.max_batch_tokens))
-        return final, step + prefill_steps - 1 + (final - len(req.tokens))
+        return final, step + prefill_steps - 1 + (final - len(req.tokens)), True
 
     def add(self, req, step: int) -> None:
         """``req`` starts running (admitted or forked)."""
         s = self._slot()
         req.admission_slot = s
-        self.final[s], self.end[s] = self._predict(req, step)
+        self.final[s], self.end[s], self.known[s] = self._predict(req, step)
         self.alive[s] = True
         self.owner[s] = req
 
@@ -107,33 +113,43 @@ class PredictiveAdmission:
         self._preempted = False
 
     # ------------------------------------------------------------------ the check
-    def _repredict_misses(self, step: int) -> None:
-        for s in np.flatnonzero(self.alive & (self.end <= step)).tolist():
-            self.misses += 1
-            self.final[s], self.end[s] = self._predict(self.owner[s], step)
-            self.end[s] = max(self.end[s], step + 1)
+    def _repredict(self, step: int) -> float:
+        """Predict misses again; requests predicted without data are predicted again (their
+        bucket may have learned meanwhile). Returns the blocks of those still unknown."""
+        held = 0.0
+        for s in np.flatnonzero(self.alive & ((self.end <= step) | ~self.known)).tolist():
+            self.misses += bool(self.known[s])
+            self.final[s], self.end[s], self.known[s] = self._predict(self.owner[s], step)
+            if self.known[s]:
+                self.end[s] = max(self.end[s], step + 1)
+            else:
+                held += self.final[s] / self.block_size + 1
+        return held
 
-    def peak_blocks(self, extra: tuple[float, float] | None = None) -> float:
-        """Predicted peak blocks of the running requests (plus ``extra``: (final, end))."""
-        final, end = self.final[self.alive], self.end[self.alive]
+    def peak_blocks(self, extra: tuple[float, float] | None = None, held: float = 0.0) -> float:
+        """Predicted peak blocks of the running requests with a prediction (plus ``extra``:
+        (final, end)), plus ``held`` blocks that stay as they are (unknown lengths)."""
+        live = self.alive & self.known
+        final, end = self.final[live], self.end[live]
         if extra is not None:
             final, end = np.append(final, extra[0]), np.append(end, extra[1])
         if not len(final):
-            return 0.0
+            return held * self.groups
         order = np.argsort(-end, kind="stable")
         final, end = final[order], end[order]
         n = np.arange(1, len(final) + 1)
         # At T = E_k - 1 the alive requests (E >= E_k) hold sum(P - E) + n*T tokens.
         tokens = np.cumsum(final - end) + n * (end - 1)
-        return float(np.max(tokens / self.block_size + n)) * self.groups
+        return (float(np.max(tokens / self.block_size + n)) + held) * self.groups
 
     def admits(self, req, step: int) -> bool:
         """Whether ``req`` (the head of the queue) may start now."""
         head = self._deferred_head
         if head is not None and head[0] is req and head[1] == self._removals and step - head[2] < RECHECK_STEPS:
             return False
-        self._repredict_misses(step)
-        peak = self.peak_blocks(self._predict(req, step))
+        held = self._repredict(step)
+        final, end, known = self._predict(req, step)
+        peak = self.peak_blocks((final, end), held) if known else self.peak_blocks(None, held + final / self.block_size + 1)
         if peak <= (1.0 - self.margin) * self.num_blocks:
             self._deferred_head = None
             return True

@@ -167,6 +167,12 @@ class LengthModel:
                 return min(max_new, max(generated + 1, math.ceil(value)))
         return max_new
 
+    def knows(self, prompt_len: int, max_new: int) -> bool:
+        """Whether ``predict`` answers from data for this request (else with the prior)."""
+        mb, pb = bucket_of(max_new), bucket_of(prompt_len)
+        return any(h is not None and h.total >= self.min_samples
+                   for h in (self._fine.get((mb, pb)), self._coarse.get(mb)))
+
     def prompt_quantile(self, q: float) -> Optional[int]:
         """An upper bound (the next power of two) of the q-quantile of prompt lengths seen."""
         _check_quantile(q)

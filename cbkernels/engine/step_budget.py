@@ -4,13 +4,17 @@ A running request gets one token a step, so its inter-token latency is the time 
 ``StepTimeModel`` fits ``ms = a + b * tokens + c * sequences`` online by least squares over
 the recent steps (exponential forgetting, factor ``FORGET`` a step); ``StepBudget`` picks
 each step's token budget as the most tokens the model predicts to fit in ``scale * target``.
-``scale`` tracks the 99th percentile: after each step it is multiplied by
-``exp(-ETA * (exceeded - 0.01))`` (``exceeded``: 1 if the step took longer than the
-target), so it settles where 1% of steps exceed the target, the machine's jitter and the
-model's error included. Decodes always fit (the budget never drops below the running
-requests), so what shrinks is the prefill packed beside them. Until ``WARMUP_STEPS`` steps
-were seen the budget ramps up from a small value, which also gives the fit a spread of
-step sizes.
+``scale`` tracks the 99th percentile of inter-token latency: after each step it is
+multiplied by ``exp(-ETA * w * (exceeded - 0.01))`` (``exceeded``: 1 if the step took
+longer than the target; ``w``: the step's sequences over their recent mean, since every
+sequence in a step waits for all of it), so it settles where 1% of the tokens' latencies
+exceed the target, the machine's jitter and the model's error included. Anti-windup:
+``scale`` is kept between the values at which the budget reaches its floor and its cap
+(below or above them it changes nothing), so after a slow spell that pinned the budget to
+its floor the budget grows back at once instead of first undoing the excess. Decodes
+always fit (the budget never drops below the running requests), so what shrinks is the
+prefill packed beside them. Until ``WARMUP_STEPS`` steps were seen the budget ramps up
+from a small value, which also gives the fit a spread of step sizes.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 FORGET = 0.99
 WARMUP_STEPS = 16
 REFIT_EVERY = 4
-ETA, MIN_SCALE, MAX_SCALE = 0.05, 0.1, 1.5
+ETA, MIN_SCALE, MAX_SCALE = 0.1, 0.1, 1.5
 
 
 class StepTimeModel:
@@ -63,6 +67,8 @@ class StepBudget:
         self.max_batch_tokens = max_batch_tokens
         self.model = StepTimeModel()
         self.scale = 1.0  # the share of the target the model aims at (feedback on the observed p99)
+        self._span = (MIN_SCALE, MAX_SCALE)  # the scales between the budget's floor and cap (anti-windup)
+        self._mean_seqs = 0.0
 
     def budget(self, running: int) -> int:
         floor = min(self.max_batch_tokens, max(1, running))
@@ -71,7 +77,10 @@ class StepBudget:
             ramp = max(16, self.max_batch_tokens * (m.steps + 1) // (4 * WARMUP_STEPS))
             return max(floor, min(self.max_batch_tokens, ramp))
         a, b, c = m.coef
-        room = self.scale * self.target_ms - a - c * (running + 1)
+        fixed = a + c * (running + 1)
+        self._span = (max(MIN_SCALE, (fixed + b * floor) / self.target_ms),
+                      min(MAX_SCALE, (fixed + b * self.max_batch_tokens) / self.target_ms))
+        room = self.scale * self.target_ms - fixed
         if b <= 0.0:
             return self.max_batch_tokens if room > 0 else floor
         return max(floor, min(self.max_batch_tokens, int(room / b)))
@@ -79,5 +88,8 @@ class StepBudget:
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
         ms = 1e3 * seconds
         self.model.observe(tokens, seqs, ms)
+        self._mean_seqs = seqs if not self._mean_seqs else 0.99 * self._mean_seqs + 0.01 * seqs
+        weight = min(4.0, seqs / self._mean_seqs)
         exceeded = 1.0 if ms > self.target_ms else 0.0
-        self.scale = min(MAX_SCALE, max(MIN_SCALE, self.scale * math.exp(-ETA * (exceeded - 0.01))))
+        lo, hi = self._span
+        self.scale = min(max(lo, hi), max(lo, self.scale * math.exp(-ETA * weight * (exceeded - 0.01))))
