@@ -221,6 +221,14 @@ class PagedAttentionCache:
             if missing > 0:
                 a.allocate_blocks(missing, req.request_id, req.num_computed)
 
+    def try_reserve(self, req, n_tokens: int) -> bool:
+        """``reserve``, False instead of OutOfBlocks (nothing reserved then)."""
+        try:
+            self.reserve(req, n_tokens)
+        except OutOfBlocks:
+            return False
+        return True
+
     def commit(self, req) -> None:
         """After a step computed K/V up to ``req.num_computed``: hash newly full blocks into
         the prefix cache and trim sliding rings."""

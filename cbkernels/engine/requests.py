@@ -225,26 +225,6 @@ class Request:
             self.first_token_time = now
         self.last_token_time = now
 
-    def add_token(self, token, now: float) -> Optional[str]:
-        """``append_token`` then ``stop_reason`` in one call (the per-request work of every
-        step's read-back); a plain int token takes the short way."""
-        if type(token) is not int:
-            self.append_token(token, now)
-            return self.stop_reason()
-        tokens, params = self.tokens, self.params
-        tokens.append(token)
-        self.token_times.append(now)
-        if self.first_token_time is None:
-            self.first_token_time = now
-        self.last_token_time = now
-        if token in params.eos_token_ids:
-            return "eos"
-        if params.stop_check is not None and params.stop_check(tokens):
-            return "stop"
-        if len(tokens) - self.prompt_len >= params.max_new_tokens:
-            return "length"
-        return None
-
     def stop_reason(self) -> Optional[str]:
         gen = len(self.tokens) - self.prompt_len
         if gen and self.tokens[-1] in self.params.eos_token_ids:

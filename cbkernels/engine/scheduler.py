@@ -204,7 +204,24 @@ class Scheduler(AdaptiveScheduling):
             if made is not None and req.pending > 0:
                 made.append((req.request_id, token))
             req.pending -= 1
-            reason = req.add_token(token, now)
+            if type(token) is int:  # a plain token: Request.append_token + stop_reason, inlined (every row, every step)
+                tokens, params = req.tokens, req.params
+                tokens.append(token)
+                req.token_times.append(now)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                req.last_token_time = now
+                if token in params.eos_token_ids:
+                    reason = "eos"
+                elif params.stop_check is not None and params.stop_check(tokens):
+                    reason = "stop"
+                elif len(tokens) - req.prompt_len >= params.max_new_tokens:
+                    reason = "length"
+                else:
+                    continue
+            else:  # a SampledToken carrying log-probabilities
+                req.append_token(token, now)
+                reason = req.stop_reason()
             if reason is not None:
                 req.transition(S.FINISHED)
                 req.finish_reason, req.finish_time = reason, now
@@ -284,31 +301,30 @@ class Scheduler(AdaptiveScheduling):
         every request every step: a decode whose new token falls inside its last block (its
         tables cover every computed token, so that block is held) reserves nothing. The rest
         goes through ``_take``."""
-        members, requests, counts, reserve = batch.members, batch.requests, batch.num_tokens, self.cache.reserve
+        members, requests, counts, try_reserve = batch.members, batch.requests, batch.num_tokens, self.cache.try_reserve
         decoding, running, bs = S.DECODING, self.running, self.cache.block_size  # locals: enum lookups cost
-        taken = 0
+        budget, taken = self._budget, 0  # self._budget is only current around _take calls
         for req in list(running):
-            if self._budget <= 0:
+            if budget <= 0:
                 break
             if req.status is not decoding or req in members or req not in running:
                 continue
             known, pending, computed = len(req.tokens), req.pending, req.num_computed
             if pending and known + pending - req.prompt_len >= req.params.max_new_tokens:
                 continue  # saturated: its in-flight token is its last
-            if req.pending_children or known + pending - computed != 1:
+            if req.pending_children or known + pending - computed != 1 or (computed % bs == 0 and not try_reserve(req, 1)):
+                # forking siblings, more than one token, or the new token opens a block the pool
+                # cannot give: _take decides (it preempts for it, or steps it back)
+                self._budget = budget
                 self._take(batch, req)
+                budget = self._budget
                 continue
-            if computed % bs == 0:  # the new token opens a block
-                try:
-                    reserve(req, 1)
-                except OutOfBlocks:  # _take preempts for it (or steps it back)
-                    self._take(batch, req)
-                    continue
             requests.append(req)
             members.add(req)
             counts.append(1)
             taken += 1
-            self._budget -= 1
+            budget -= 1
+        self._budget = budget
         batch.samples += taken  # every inlined decode samples
 
     def _continuing_prefills(self, batch: ScheduledBatch) -> None:
