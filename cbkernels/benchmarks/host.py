@@ -6,6 +6,16 @@ its metadata, sampling, and bookkeeping after the step. Each point: ``n`` reques
 256-token context decode together; the median of the measured steps is reported, split by phase.
 On a GPU the forward of a real model takes a few tens of milliseconds at batch 256, so host
 time per step has to stay far below that.
+
+Every point is measured twice in the same run:
+
+* ``forward="model"``: the tiny model's forward runs on this CPU between steps. Its memory
+  traffic (the decode rows' gathered histories) evicts the CPU caches, so the host work
+  after it runs cold; and the argmax over the vocabulary is CPU work too.
+* ``forward="none"``: the model's forward is replaced by a stand-in that returns zero logits
+  of the right shape (every greedy row then samples token 0), so nothing but the engine's own
+  host work runs between steps, as on a GPU, where the forward runs on the device. The argmax
+  still runs on the CPU and still counts as host work here.
 """
 from __future__ import annotations
 
@@ -18,15 +28,33 @@ RUNNING = (16, 64, 256, 1024)
 CONTEXT = 256  # prompt tokens of every request
 MEASURED_STEPS = 12
 GOAL_MS_AT_256 = 1.0
+FORWARDS = ("model", "none")
+PHASES = ("schedule", "prepare", "sample", "postprocess", "host", "forward")
 
 
-def measure(n: int, steps: int = MEASURED_STEPS) -> dict:
+def _stand_in_forward(runner, vocab: int):
+    """A replacement for ``ModelRunner.forward``: zero logits [1, rows, vocab], no model."""
+    import torch
+
+    def forward(meta, logits_to_keep):
+        rows = meta.input_ids.shape[1] if isinstance(logits_to_keep, int) else logits_to_keep.shape[0]
+        start = time.perf_counter()
+        logits = torch.zeros(1, rows, vocab, device=runner.device)
+        runner.timing["forward"] += time.perf_counter() - start
+        return logits
+
+    return forward
+
+
+def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model") -> dict:
     import torch
     from transformers import GenerationConfig
 
     from ..engine import BatchConfig, Engine
     from ..testing import tiny_llama, token_prompts
 
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     torch.set_num_threads(1)
     # Requests prefilled early decode while later ones prefill: enough new tokens that every
     # request is still running through the measured steps.
@@ -42,7 +70,10 @@ def measure(n: int, steps: int = MEASURED_STEPS) -> dict:
         engine.add_request(prompt, gc)
     while any(len(r.tokens) == r.prompt_len for r in engine.requests.values()):
         engine.step()  # prefills (and the first decode of early ones)
-    phases = {"schedule": [], "prepare": [], "sample": [], "postprocess": [], "host": [], "forward": []}
+    if forward == "none":
+        engine.runner.forward = _stand_in_forward(engine.runner, model.config.vocab_size)
+        engine.step()  # one step of the stand-in before measuring
+    phases = {key: [] for key in PHASES}
     for _ in range(steps):
         start = time.perf_counter()
         engine.step()
@@ -51,28 +82,35 @@ def measure(n: int, steps: int = MEASURED_STEPS) -> dict:
         for key in phases:
             phases[key].append(t[key] if key != "host" else total - t["forward"])
     running = len(engine.scheduler.running)
-    return {"running": running, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items()}}
+    return {"running": running, "forward": forward,
+            **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items()}}
 
 
 def run_host(out_dir=None, running=RUNNING) -> list[dict]:
     from tqdm import tqdm
 
-    rows = [measure(n) for n in tqdm(running, desc="host work", unit="point")]
-    csv_path = report("host", rows, ["running", "host_ms", "schedule_ms", "prepare_ms", "sample_ms",
+    points = [(n, f) for n in running for f in FORWARDS]  # both measures of a point back to back
+    rows = [measure(n, forward=f) for n, f in tqdm(points, desc="host work", unit="point")]
+    csv_path = report("host", rows, ["running", "forward", "host_ms", "schedule_ms", "prepare_ms", "sample_ms",
                                      "postprocess_ms", "forward_ms"], out_dir)
     plt = pyplot()
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        xs = [r["running"] for r in rows]
-        for key in ("host_ms", "schedule_ms", "prepare_ms", "sample_ms", "postprocess_ms"):
-            ax.plot(xs, [r[key] for r in rows], marker="o", label=key.removesuffix("_ms"))
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for forward, style in zip(FORWARDS, ("-", ":")):
+            mine = [r for r in rows if r["forward"] == forward]
+            xs = [r["running"] for r in mine]
+            keys = ("host_ms", "schedule_ms", "prepare_ms", "sample_ms", "postprocess_ms") if forward == "model" else ("host_ms",)
+            for key in keys:
+                label = key.removesuffix("_ms") + (" (CPU forward between steps)" if forward == "model" else
+                                                   " (forward stand-in, as on a GPU)")
+                ax.plot(xs, [r[key] for r in mine], marker="o", linestyle=style, label=label)
         ax.axhline(GOAL_MS_AT_256, color="grey", linestyle="--", label=f"goal at 256: {GOAL_MS_AT_256} ms")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("running decode requests")
         ax.set_ylabel("ms per step (median)")
         ax.set_title(f"host work per engine step ({device_name()})")
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         png = csv_path.with_suffix(".png")
         fig.savefig(png, dpi=120)
