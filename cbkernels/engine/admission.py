@@ -10,6 +10,10 @@ sort by ``E`` and a cumulative sum give the demand at every such moment (vectori
 Python loop over the running requests). Each request counts one more block than its tokens
 fill (the partly written last block).
 
+A request whose bucket the length model has learned nothing about (``LengthModel.knows``)
+has no prediction: it counts the blocks it holds now, as greedy admission would, and is
+predicted again at every check until its bucket has learned.
+
 A request still running past its predicted end is a miss: its length is predicted again
 (conditioned on what it has generated so far). A preemption means the demand was
 underestimated: the margin (the share of the cache admission keeps back) grows by
