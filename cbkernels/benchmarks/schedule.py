@@ -34,6 +34,7 @@ TARGET_FACTORS = (3.0, 5.0)
 WARMUP = 64  # requests served before the measured ones (both admission modes)
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
 SMOL = dict(num_blocks=32, block_size=16, max_num_seqs=16, max_batch_tokens=256)
+SMOL_PAIRS, SMOL_WARMUP = 3, 16  # SmolLM2 steps take ~0.1-0.4 s on this CPU
 
 
 def part_admission(model, workloads, n, sizes, vocab, cap, scale=1.0, label="tiny", repeats=1,
@@ -84,32 +85,65 @@ def budget_model(vocab: int):
     return build(vocab=vocab, hidden=256, heads=4, kv_heads=2, layers=4, max_positions=1024)
 
 
-def part_budget(model, n, sizes, vocab, cap, admission="predictive") -> list[dict]:
+def part_budget(model, n, sizes, vocab, cap, admission="predictive", rounds: int = 3) -> list[dict]:
+    """Fixed budgets and ``target_itl_ms`` settings on the same arrivals (wall clock), every
+    setting once per round, the order rotated by one setting each round: a busy spell of the
+    shared machine falls on different settings in different rounds."""
     specs = draw("bimodal", n, seed=3)
     times = arrivals(n, OVERLOAD * capacity(model, specs, sizes, vocab, cap, cpu_clock=False), seed=3)
     step_ms = _decode_step_ms(model, sizes, vocab)
+    settings = [({**sizes, "max_batch_tokens": b}, {}) for b in FIXED_BUDGETS]
+    settings += [(sizes, {"target_itl_ms": round(f * step_ms, 2)}) for f in TARGET_FACTORS]
     rows = []
-    for b in FIXED_BUDGETS:
-        row = run_one(model, specs, times, _config(admission, {**sizes, "max_batch_tokens": b}), vocab, cap,
-                      cpu_clock=False)
-        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row))
-        rows[-1]["decode_step_ms"] = step_ms
-    for factor in TARGET_FACTORS:
-        target = round(factor * step_ms, 2)
-        row = run_one(model, specs, times, _config(admission, sizes, target_itl_ms=target), vocab, cap, cpu_clock=False)
-        rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=0, **row, goal_itl_ms=target,
-                         decode_step_ms=step_ms))
+    for k in range(rounds):
+        print(f"budget round {k + 1}/{rounds}", flush=True)
+        for size, extra in settings[k % len(settings):] + settings[:k % len(settings)]:
+            row = run_one(model, specs, times, _config(admission, size, **extra), vocab, cap, cpu_clock=False)
+            rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=k, **row,
+                             goal_itl_ms=extra.get("target_itl_ms"), decode_step_ms=step_ms))
     return rows
 
 
-COLUMNS = ["part", "model", "workload", "admission", "budget", "clock", "preemptions", "recomputed_tokens",
+BUDGET_SUMMARY_COLUMNS = ["setting", "rounds", "itl_p99_ms", "itl_p99_min_ms", "itl_p99_max_ms", "output_tok_s",
+                          "p99_over_target", "rounds_within_10pct", "rounds_equal_fixed_missed", "rounds_goal_met"]
+
+
+def summarize_budget(rows) -> list[dict]:
+    """Per setting, medians over the rounds. For a target: the rounds whose p99 lies within
+    10% of it, and the rounds where every fixed budget of at least 97% of its throughput
+    missed the target by more than 10% (or none reached that throughput); the goal is met in
+    a round when both hold."""
+    bud = [r for r in rows if r["part"] == "budget"]
+    out = []
+    for key in dict.fromkeys((r["budget"], r["target_itl_ms"]) for r in bud):
+        runs = [r for r in bud if (r["budget"], r["target_itl_ms"]) == key]
+        p99 = [r["itl_p99_ms"] for r in runs]
+        row = dict(setting=f"target_itl_ms={key[1]}" if key[1] else f"max_batch_tokens={key[0]}", rounds=len(runs),
+                   itl_p99_ms=_median(p99), itl_p99_min_ms=min(p99), itl_p99_max_ms=max(p99),
+                   output_tok_s=_median([r["output_tok_s"] for r in runs]))
+        if key[1]:
+            target, within, missed, met = key[1], 0, 0, 0
+            for r in runs:
+                fixed = [f for f in bud if f["repeat"] == r["repeat"] and not f["target_itl_ms"]
+                         and f["output_tok_s"] >= 0.97 * r["output_tok_s"]]
+                ok = abs(r["itl_p99_ms"] / target - 1) <= 0.1
+                beaten = all(f["itl_p99_ms"] > 1.1 * target for f in fixed)
+                within, missed, met = within + ok, missed + beaten, met + (ok and beaten)
+            row.update(p99_over_target=row["itl_p99_ms"] / target, rounds_within_10pct=within,
+                       rounds_equal_fixed_missed=missed, rounds_goal_met=met)
+        out.append(row)
+    return out
+
+
+COLUMNS = ["part", "model", "workload", "repeat", "admission", "budget", "target_itl_ms", "clock", "steps",
+           "preemptions", "recomputed_tokens",
            "output_tok_s",
            "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "prediction_error", "deferred", "mean_budget",
            "longest_wait_p0_s", "longest_wait_p1_s", "longest_wait_p2_s"]
 
 
 def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, quick: bool = False,
-                 repeats: int = 4) -> list[dict]:
+                 repeats: int = 10, rounds: int = 3) -> list[dict]:
     import torch
 
     from .workloads import tiny_llama
@@ -119,22 +153,26 @@ def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, qui
     model = tiny_llama(vocab=vocab)
     n = 48 if quick else requests
     rows = part_admission(model, list(WORKLOADS), n, TINY, vocab, CAP, repeats=1 if quick else repeats)
-    rows += part_budget(budget_model(vocab), 24 if quick else BUDGET_REQUESTS, TINY, vocab, CAP)
+    rows += part_budget(budget_model(vocab), 24 if quick else BUDGET_REQUESTS, TINY, vocab, CAP,
+                        rounds=1 if quick else rounds)
     report("schedule", rows, COLUMNS, out_dir)  # written now too: the SmolLM2 part takes long
     if smollm2 and not quick:
         from ..models import load_for_device
 
         smol, _, _ = load_for_device(None, "cpu")
-        rows += part_admission(smol, ["bimodal"], 24, SMOL, smol.config.vocab_size, 96, scale=0.3, label="smollm2")
+        rows += part_admission(smol, ["bimodal"], 24, SMOL, smol.config.vocab_size, 96, scale=0.3, label="smollm2",
+                               repeats=SMOL_PAIRS, warmup=SMOL_WARMUP)
     path = report("schedule", rows, COLUMNS, out_dir)
     print()
     report("schedule-summary", summarize(rows), SUMMARY_COLUMNS, out_dir)
+    report("schedule-budget-summary", summarize_budget(rows), BUDGET_SUMMARY_COLUMNS, out_dir)
     _plot(rows, path.with_suffix(".png"))
     return rows
 
 
 SUMMARY_COLUMNS = ["model", "workload", "repeats", "recomputed_greedy", "recomputed_predictive", "recomputed_cut",
-                   "throughput_ratio", "prediction_error", "longest_wait_s"]
+                   "throughput_ratio", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max", "pairs_at_least_097",
+                   "steps_greedy", "steps_predictive", "prediction_error", "longest_wait_s"]
 
 
 def _median(xs):
@@ -143,8 +181,9 @@ def _median(xs):
 
 
 def summarize(rows) -> list[dict]:
-    """Per model and workload, over the repeats: medians of the recomputed tokens and of the
-    predictive / greedy throughput ratios of the runs made back to back."""
+    """Per model and workload, over the pairs (``run_pair``): medians of the recomputed tokens,
+    of the engine steps and of the predictive / greedy throughput ratio, with the ratio's
+    quartiles (of the lower and upper halves), extremes, and how many pairs reached 0.97."""
     out = []
     groups = sorted({(r["model"], r["workload"]) for r in rows if r["part"] == "admission"})
     for model, w in groups:
@@ -153,9 +192,14 @@ def summarize(rows) -> list[dict]:
                  and g["admission"] == "greedy" and p["admission"] == "predictive"]
         rec_g = _median([g["recomputed_tokens"] for g, _ in pairs])
         rec_p = _median([p["recomputed_tokens"] for _, p in pairs])
+        ratios = sorted(p["output_tok_s"] / g["output_tok_s"] for g, p in pairs)
         out.append(dict(model=model, workload=w, repeats=len(pairs), recomputed_greedy=rec_g, recomputed_predictive=rec_p,
-                        recomputed_cut=1 - rec_p / rec_g if rec_g else None,
-                        throughput_ratio=_median([p["output_tok_s"] / g["output_tok_s"] for g, p in pairs]),
+                        recomputed_cut=1 - rec_p / rec_g if rec_g else None, throughput_ratio=_median(ratios),
+                        ratio_q1=_median(ratios[:len(ratios) // 2]) if len(ratios) > 1 else ratios[0],
+                        ratio_q3=_median(ratios[(len(ratios) + 1) // 2:]) if len(ratios) > 1 else ratios[0],
+                        ratio_min=ratios[0], ratio_max=ratios[-1], pairs_at_least_097=sum(x >= 0.97 for x in ratios),
+                        steps_greedy=_median([g["steps"] for g, _ in pairs]),
+                        steps_predictive=_median([p["steps"] for _, p in pairs]),
                         prediction_error=_median([p["prediction_error"] for _, p in pairs]),
                         longest_wait_s=max(max(r[f"longest_wait_p{k}_s"] or 0 for k in PRIORITIES) for r in runs)))
     return out
@@ -183,9 +227,9 @@ def _plot(rows, png) -> None:
     for r in bud:
         a3.scatter(r["output_tok_s"], r["itl_p99_ms"], color="C1" if r["budget"] == "adaptive" else "C0")
         label = r["budget"] if r["budget"] != "adaptive" else f"adaptive {r['target_itl_ms']}"
-        a3.annotate(str(label), (r["output_tok_s"], r["itl_p99_ms"]))
-    for k, r in enumerate(r for r in bud if r.get("goal_itl_ms")):
-        a3.axhline(r["goal_itl_ms"], color=f"C{k + 2}", linestyle="--", label=f"target_itl_ms {r['goal_itl_ms']}")
+        a3.annotate(str(label), (r["output_tok_s"], r["itl_p99_ms"]), fontsize=7)
+    for k, goal in enumerate(dict.fromkeys(r["goal_itl_ms"] for r in bud if r.get("goal_itl_ms"))):
+        a3.axhline(goal, color=f"C{k + 2}", linestyle="--", label=f"target_itl_ms {goal}")
     if bud:
         a3.legend()
     a3.set_xlabel("output tokens/s")
