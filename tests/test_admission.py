@@ -21,16 +21,23 @@ from cbkernels.testing import assert_pool_accounting, reference_tokens, tiny_lla
 @given(st.lists(st.tuples(st.integers(1, 200), st.integers(1, 60)), min_size=1, max_size=12),
        st.sampled_from([1, 4, 16]))
 def test_peak_blocks_bounds_the_simulated_demand(reqs, bs):
-    """(length now, steps left): the formula's peak is at least the true peak of
-    sum(ceil(len / bs)) over the future steps, and at most one block a request above it."""
+    """(length now, steps left): the peak equals the true peak of sum(ceil(len / bs)) over the
+    future steps; above ``EXACT_LIMIT`` requests (the O(n) form) it is at least the true peak
+    and at most one block a request above it."""
+    from cbkernels.engine import admission
+
     adm = PredictiveAdmission(10_000, bs, 64, LengthModel())
     now = 5
     for i, (length, left) in enumerate(reqs):
         adm.final[i], adm.end[i], adm.alive[i], adm.known[i] = length + left, now + left, True, True
     true_peak = max(sum(math.ceil((length + t) / bs) for length, left in reqs if t < left)
                     for t in range(max(left for _, left in reqs)))
-    peak = adm.peak_blocks()
-    assert true_peak <= peak <= true_peak + len(reqs) + 1e-9
+    assert adm.peak_blocks() == true_peak
+    limit, admission.EXACT_LIMIT = admission.EXACT_LIMIT, 0
+    try:
+        assert true_peak <= adm.peak_blocks() <= true_peak + len(reqs) + 1e-9
+    finally:
+        admission.EXACT_LIMIT = limit
 
 
 class _Req:
@@ -48,10 +55,13 @@ def test_without_learned_lengths_a_request_counts_what_it_holds():
     running.num_computed = 100
     adm.add(running, 0)  # 100 / 16 + 1 blocks held; the prior (384 new tokens) would be 31
     assert adm.admits(_Req(100, 384), 1)
+    _check_quick_bookkeeping(adm)
     for _ in range(8):
         lm.record(100, 384, 300)
     head = _Req(100, 384)
     assert not adm.admits(head, 2) and head.deferred  # now predicted: 400 tokens each, 2 x 26 blocks > 20
+    _check_quick_bookkeeping(adm)
+    assert adm._unknown == 0  # the running request was predicted again once its bucket learned
     assert adm.deferred == 1
 
 
@@ -67,6 +77,14 @@ class Oracle(LengthModel):
 
     def knows(self, prompt_len, max_new):
         return True
+
+
+def _check_quick_bookkeeping(adm):
+    """What the quick check keeps without numpy matches the arrays."""
+    known = [s for s in range(len(adm.alive)) if adm.alive[s] and adm.known[s]]
+    assert adm._sum_final_blocks == sum(math.ceil(adm.final[s] / adm.block_size) for s in known)
+    assert adm._unknown == sum(1 for s in range(len(adm.alive)) if adm.alive[s] and not adm.known[s])
+    assert all(adm._next_end <= adm.end[s] for s in known)
 
 
 def _run(cls, admission, specs, num_blocks=24, block=4, lm=None):
@@ -86,6 +104,8 @@ def _run(cls, admission, specs, num_blocks=24, block=4, lm=None):
         batch = sched.schedule()
         preempted += len(batch.preempted)
         assert cache.num_used_blocks() <= cache.num_blocks
+        if sched.predictive is not None:
+            _check_quick_bookkeeping(sched.predictive)
         sched.postprocess(batch, [5 if r.num_computed + n >= len(r.tokens) else None
                                   for r, n in zip(batch.requests, batch.num_tokens)], 0.0)
     assert all(r.status.name == "FINISHED" and len(r.generated) == o for r, (_, o) in zip(reqs, specs))

@@ -27,6 +27,8 @@ steps later, so a long queue costs nothing per step.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .length_model import LengthModel
@@ -36,6 +38,7 @@ MARGIN_DECAY = 0.99
 MAX_MARGIN = 0.3
 RECHECK_STEPS = 8
 QUANTILE = 0.3
+EXACT_LIMIT = 128  # up to this many requests the peak counts whole blocks exactly (n x n)
 
 
 class PredictiveAdmission:
@@ -53,6 +56,12 @@ class PredictiveAdmission:
         self.known = np.zeros(capacity, dtype=bool)  # False: the length model had nothing to predict with
         self.owner: list = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
+        # Kept per slot without numpy, for the quick check: ceil(P / block) of the known ones,
+        # their sum, how many are unknown, and the earliest predicted end (may be stale-low).
+        self._final_blocks = [0] * capacity
+        self._sum_final_blocks = 0
+        self._unknown = 0
+        self._next_end = float("inf")
         self.margin = 0.0
         self.misses = 0  # requests that ran past their predicted end
         self.deferred = 0  # requests whose admission waited for predicted demand to fit
@@ -69,6 +78,7 @@ class PredictiveAdmission:
             self.alive = np.concatenate([self.alive, np.zeros(n, dtype=bool)])
             self.known = np.concatenate([self.known, np.zeros(n, dtype=bool)])
             self.owner += [None] * n
+            self._final_blocks += [0] * n
             self._free = list(range(2 * n - 1, n - 1, -1))
         return self._free.pop()
 
@@ -86,11 +96,27 @@ class PredictiveAdmission:
         prefill_steps = max(1, -(-todo // self.max_batch_tokens))
         return final, step + prefill_steps - 1 + (final - len(req.tokens)), True
 
+    def _set(self, s: int, final: float, end: float, known: bool) -> None:
+        """Slot ``s`` (not counted yet) gets a prediction."""
+        self.final[s], self.end[s], self.known[s] = final, end, known
+        blocks = math.ceil(final / self.block_size) if known else 0
+        self._final_blocks[s] = blocks
+        self._sum_final_blocks += blocks
+        if known:
+            self._next_end = min(self._next_end, end)
+        else:
+            self._unknown += 1
+
+    def _unset(self, s: int) -> None:
+        self._sum_final_blocks -= self._final_blocks[s]
+        self._final_blocks[s] = 0
+        self._unknown -= not self.known[s]
+
     def add(self, req, step: int) -> None:
         """``req`` starts running (admitted or forked)."""
         s = self._slot()
         req.admission_slot = s
-        self.final[s], self.end[s], self.known[s] = self._predict(req, step)
+        self._set(s, *self._predict(req, step))
         self.alive[s] = True
         self.owner[s] = req
 
@@ -100,6 +126,7 @@ class PredictiveAdmission:
         if s < 0:
             return
         req.admission_slot = -1
+        self._unset(s)
         self.alive[s] = False
         self.owner[s] = None
         self._free.append(s)
@@ -120,14 +147,18 @@ class PredictiveAdmission:
     def _repredict(self, step: int) -> float:
         """Predict misses again; requests predicted without data are predicted again (their
         bucket may have learned meanwhile). Returns the blocks of those still unknown."""
+        if not self._unknown and self._next_end > step:
+            return 0.0  # no miss, nothing unknown
         held = 0.0
         for s in np.flatnonzero(self.alive & ((self.end <= step) | ~self.known)).tolist():
             self.misses += bool(self.known[s])
-            self.final[s], self.end[s], self.known[s] = self._predict(self.owner[s], step)
-            if self.known[s]:
-                self.end[s] = max(self.end[s], step + 1)
-            else:
-                held += self.final[s] / self.block_size + 1
+            final, end, known = self._predict(self.owner[s], step)
+            self._unset(s)
+            self._set(s, final, max(end, step + 1) if known else end, known)
+            if not known:
+                held += final / self.block_size + 1
+        live = self.alive & self.known
+        self._next_end = float(self.end[live].min()) if live.any() else float("inf")
         return held
 
     def peak_blocks(self, extra: tuple[float, float] | None = None, held: float = 0.0) -> float:
@@ -141,8 +172,15 @@ class PredictiveAdmission:
             return held * self.groups
         order = np.argsort(-end, kind="stable")
         final, end = final[order], end[order]
+        if len(final) <= EXACT_LIMIT:
+            # Request j at T_k = E_k - 1 holds P_j - (E_j - T_k) tokens, ceil(. / block) blocks;
+            # alive at T_k: j <= k in this order (E_j >= E_k).
+            length = final[:, None] - end[:, None] + (end[None, :] - 1)
+            blocks = np.triu(np.ceil(np.maximum(length, 0.0) / self.block_size))
+            return (float(blocks.sum(axis=0).max()) + held) * self.groups
         n = np.arange(1, len(final) + 1)
-        # At T = E_k - 1 the alive requests (E >= E_k) hold sum(P - E) + n*T tokens.
+        # The same in O(n): the alive requests hold sum(P - E) + n*T tokens, and each at most
+        # one block more than its tokens fill.
         tokens = np.cumsum(final - end) + n * (end - 1)
         return (float(np.max(tokens / self.block_size + n)) + held) * self.groups
 
@@ -153,8 +191,14 @@ class PredictiveAdmission:
             return False
         held = self._repredict(step)
         final, end, known = self._predict(req, step)
-        peak = self.peak_blocks((final, end), held) if known else self.peak_blocks(None, held + final / self.block_size + 1)
-        if peak <= (1.0 - self.margin) * self.num_blocks:
+        limit = (1.0 - self.margin) * self.num_blocks
+        head = math.ceil(final / self.block_size) if known else final / self.block_size + 1
+        # Quick: everyone at its predicted final length at once bounds the peak from above.
+        if (self._sum_final_blocks + held + head) * self.groups <= limit:
+            self._deferred_head = None
+            return True
+        peak = self.peak_blocks((final, end), held) if known else self.peak_blocks(None, held + head)
+        if peak <= limit:
             self._deferred_head = None
             return True
         if not req.deferred:
