@@ -22,8 +22,9 @@ without a preemption. Preemption stays
 the fallback when predictions are wrong.
 
 The check runs when a request is at the head of the queue; a deferred head is checked
-again only after a running request left (finished or preempted) or ``RECHECK_STEPS``
-steps later, so a long queue costs nothing per step.
+again only once the requests that left since (finished or preempted) hold, at their
+predicted final size, at least the blocks it was short of (one request lowers the peak by
+no more than that), or ``RECHECK_STEPS`` steps later, so a long queue costs nothing per step.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class PredictiveAdmission:
         self.margin = 0.0
         self.misses = 0  # requests that ran past their predicted end
         self.deferred = 0  # requests whose admission waited for predicted demand to fit
-        self._removals = 0
-        self._deferred_head = None  # (request, removals, step) of the last deferral
+        self._freed = 0.0  # blocks (at their predicted final size) of the requests that left since
+        self._deferred_head = None  # (request, step, blocks over the limit) of the last deferral
         self._preempted = False  # in the step being scheduled
 
     # ------------------------------------------------------------------ slots
@@ -126,11 +127,11 @@ class PredictiveAdmission:
         if s < 0:
             return
         req.admission_slot = -1
+        self._freed += self._final_blocks[s] if self.known[s] else self.final[s] / self.block_size + 1
         self._unset(s)
         self.alive[s] = False
         self.owner[s] = None
         self._free.append(s)
-        self._removals += 1
 
     def on_preemption(self) -> None:
         self._preempted = True
@@ -187,8 +188,8 @@ class PredictiveAdmission:
     def admits(self, req, step: int) -> bool:
         """Whether ``req`` (the head of the queue) may start now."""
         head = self._deferred_head
-        if head is not None and head[0] is req and head[1] == self._removals and step - head[2] < RECHECK_STEPS:
-            return False
+        if head is not None and head[0] is req and step - head[1] < RECHECK_STEPS and self._freed * self.groups < head[2]:
+            return False  # what left since cannot have made room (a request lowers the peak by its blocks at most)
         held = self._repredict(step)
         final, end, known = self._predict(req, step)
         limit = (1.0 - self.margin) * self.num_blocks
@@ -204,5 +205,6 @@ class PredictiveAdmission:
         if not req.deferred:
             req.deferred = True
             self.deferred += 1
-        self._deferred_head = (req, self._removals, step)
+        self._deferred_head = (req, step, peak - limit)
+        self._freed = 0.0
         return False
