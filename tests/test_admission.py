@@ -65,6 +65,35 @@ def test_without_learned_lengths_a_request_counts_what_it_holds():
     assert adm.deferred == 1
 
 
+def test_a_deferred_head_is_checked_again_once_enough_has_left(monkeypatch):
+    """Departures that cannot cover what the head was short of skip the check; once they
+    can, the head is checked (and here admitted); after 8 steps it is checked regardless."""
+    lm = LengthModel()
+    for _ in range(8):
+        lm.record(100, 384, 60)  # every request: 160 tokens, 10 blocks of 16
+    adm = PredictiveAdmission(30, 16, 512, lm)
+    small = [_Req(100, 384) for _ in range(2)]
+    for r in small:
+        r.num_computed = 100
+        adm.add(r, 0)
+    big = _Req(100, 384)
+    big.num_computed = 100
+    adm.add(big, 0)
+    calls = []
+    peak = adm.peak_blocks
+    monkeypatch.setattr(adm, "peak_blocks", lambda *a: calls.append(1) or peak(*a))
+    head = _Req(100, 384)
+    assert not adm.admits(head, 1) and len(calls) == 1  # 4 x 10 blocks > 30
+    assert not adm.admits(head, 2) and len(calls) == 1  # nothing left: not checked again
+    adm.remove(small[0])  # 10 blocks leave: the head was short of 10, so check
+    assert adm.admits(head, 3)  # (by the quick bound: 3 x 10 blocks fit)
+    other = _Req(100, 384)
+    adm.add(head, 3)
+    assert not adm.admits(other, 4) and len(calls) == 2
+    assert not adm.admits(other, 11) and len(calls) == 2  # 7 steps: not yet
+    assert not adm.admits(other, 12) and len(calls) == 3  # 8 steps: checked again
+
+
 class Oracle(LengthModel):
     """Knows every request's output length (keyed by its unique prompt length)."""
 
