@@ -2,7 +2,7 @@
 # The one prepared run on a lent CUDA machine (docs/gpu-check.md). Steps in order of value:
 #   versions; install; the early stop (compile gate for this arch, one compiled selfcheck);
 #   decode + prefill microbenchmarks with their verdict (the attention fast path before/after too); fp8 against bf16 decode (4k-32k);
-#   KV-cache copies; the engine (overlap, then peers); a sample of the CUDA tests covering
+#   KV-cache copies; the engine (overlap, host work per step, then peers); a sample of the CUDA tests covering
 #   every kernel once per dtype; the verdict table.
 # Each step has its own limit and the limits add up to STEP_BUDGET_S (480 s) or less, so the
 # whole run fits one 10-minute call with room for start-up. Every step writes its results under
@@ -103,10 +103,12 @@ step selfcheck 30 cbkernels selfcheck --device cuda --dtype bfloat16 \
 step paged-attention-bench 90 python3 bench/bench_paged_attention.py --quick --fast-paths --out "$OUT" --verdicts "$VERDICTS"
 # bf16 against fp8 (e4m3, e5m2) caches at 4k-32k context: GB/s of bytes read, tokens/s, the 1.7x goal.
 step fp8-decode 50 python3 bench/bench_fp8_decode.py --out "$OUT" --verdicts "$VERDICTS"
-step kv-cache-bench 20 python3 bench/bench_kv_cache.py --out "$OUT"
+step kv-cache-bench 15 python3 bench/bench_kv_cache.py --out "$OUT"
 # Engine with and without asynchronous scheduling (tokens/s, host ms per step, cache sizing).
-step engine-overlap 40 cbkernels bench overlap --random-llama 4 --prompts 64 --max-new-tokens 32 --quiet --out "$OUT"
-step engine-bench 35 cbkernels bench peers --random-llama 4 --prompts 48 --max-new-tokens 48 --quiet --skip-default-peer --out "$OUT"
+step engine-overlap 35 cbkernels bench overlap --random-llama 4 --prompts 64 --max-new-tokens 32 --quiet --out "$OUT"
+# Host work per step at 256 running decodes with the forward on this GPU (goal: under 1 ms).
+step engine-host 15 cbkernels bench host --quick --out "$OUT"
+step engine-bench 30 cbkernels bench peers --random-llama 4 --prompts 48 --max-new-tokens 48 --quiet --skip-default-peer --out "$OUT"
 # Every kernel once per dtype on the compiled kernels: scatter / gather / copy (fp16, bf16, fp32
 # and both fp8 formats), attention per dtype and head dim, fp8 attention over mixed batches.
 step cuda-tests 50 pytest -q -p no:cacheprovider tests/test_kv_cache.py tests/test_paged_attention.py tests/test_fp8.py \

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 BUDGET_S = 480
 ORDER = ["versions", "install", "compile-gate", "selfcheck", "paged-attention-bench", "fp8-decode",
-         "kv-cache-bench", "engine-overlap", "engine-bench", "cuda-tests", "verdict"]
+         "kv-cache-bench", "engine-overlap", "engine-host", "engine-bench", "cuda-tests", "verdict"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,10 @@ Every point is measured twice in the same run:
   of the right shape (every greedy row then samples token 0), so nothing but the engine's own
   host work runs between steps, as on a GPU, where the forward runs on the device. The argmax
   still runs on the CPU and still counts as host work here.
+
+With a CUDA device (``device="cuda"``, the default when one is present) the same engine path
+runs with the model on the GPU: the forward is timed up to ``torch.cuda.synchronize()``, so
+``forward_ms`` is the device's time and ``host_ms`` what the host adds around it.
 """
 from __future__ import annotations
 
@@ -26,10 +30,26 @@ from .common import device_name, pyplot, report
 
 RUNNING = (16, 64, 256, 1024)
 CONTEXT = 256  # prompt tokens of every request
-MEASURED_STEPS = 12
+MEASURED_STEPS = 40
 GOAL_MS_AT_256 = 1.0
 FORWARDS = ("model", "none")
 PHASES = ("schedule", "prepare", "sample", "postprocess", "host", "forward")
+
+
+def _synchronized_forward(runner):
+    """``ModelRunner.forward`` timed until the device has finished it (CUDA)."""
+    import torch
+
+    forward = runner.forward
+
+    def synced(meta, logits_to_keep):
+        logits = forward(meta, logits_to_keep)
+        start = time.perf_counter()
+        torch.cuda.synchronize(runner.device)
+        runner.timing["forward"] += time.perf_counter() - start
+        return logits
+
+    return synced
 
 
 def _stand_in_forward(runner, vocab: int):
@@ -46,7 +66,13 @@ def _stand_in_forward(runner, vocab: int):
     return forward
 
 
-def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model") -> dict:
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model", device: str = "cpu") -> dict:
     import torch
     from transformers import GenerationConfig
 
@@ -55,15 +81,19 @@ def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model") -> dict
 
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+    device = torch.device(device)
     torch.set_num_threads(1)
     # Requests prefilled early decode while later ones prefill: enough new tokens that every
     # request is still running through the measured steps.
     max_new = 2 * steps + 64
-    model = tiny_llama(vocab=512, max_positions=CONTEXT + max_new + 16)
+    model = tiny_llama(vocab=512, max_positions=CONTEXT + max_new + 16, device=device)
     block_size = 16
     blocks = n * (-(-(CONTEXT + max_new) // block_size) + 1)
+    # The same engine path on every device: the PyTorch attention backend, steps run one after
+    # the other (no asynchronous scheduling, no CUDA graphs), so a step splits cleanly into
+    # the forward and the host's work around it.
     config = BatchConfig(backend="torch", num_blocks=blocks, block_size=block_size, max_num_seqs=n,
-                         max_batch_tokens=max(n, 8192), prefix_caching=False)
+                         max_batch_tokens=max(n, 8192), prefix_caching=False, async_scheduling=False)
     engine = Engine(model, config)
     gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
     for prompt in token_prompts([CONTEXT] * n, vocab=512):
@@ -72,7 +102,9 @@ def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model") -> dict
         engine.step()  # prefills (and the first decode of early ones)
     if forward == "none":
         engine.runner.forward = _stand_in_forward(engine.runner, model.config.vocab_size)
-        engine.step()  # one step of the stand-in before measuring
+    elif device.type == "cuda":
+        engine.runner.forward = _synchronized_forward(engine.runner)
+    engine.step()  # one decode step before measuring
     phases = {key: [] for key in PHASES}
     for _ in range(steps):
         start = time.perf_counter()
@@ -82,16 +114,17 @@ def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model") -> dict
         for key in phases:
             phases[key].append(t[key] if key != "host" else total - t["forward"])
     running = len(engine.scheduler.running)
-    return {"running": running, "forward": forward,
+    return {"running": running, "forward": forward, "device": device.type,
             **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items()}}
 
 
-def run_host(out_dir=None, running=RUNNING) -> list[dict]:
+def run_host(out_dir=None, running=RUNNING, device=None) -> list[dict]:
     from tqdm import tqdm
 
+    device = device or default_device()
     points = [(n, f) for n in running for f in FORWARDS]  # both measures of a point back to back
-    rows = [measure(n, forward=f) for n, f in tqdm(points, desc="host work", unit="point")]
-    csv_path = report("host", rows, ["running", "forward", "host_ms", "schedule_ms", "prepare_ms", "sample_ms",
+    rows = [measure(n, forward=f, device=device) for n, f in tqdm(points, desc="host work", unit="point")]
+    csv_path = report("host", rows, ["running", "forward", "device", "host_ms", "schedule_ms", "prepare_ms", "sample_ms",
                                      "postprocess_ms", "forward_ms"], out_dir)
     plt = pyplot()
     if plt is not None:
@@ -101,7 +134,7 @@ def run_host(out_dir=None, running=RUNNING) -> list[dict]:
             xs = [r["running"] for r in mine]
             keys = ("host_ms", "schedule_ms", "prepare_ms", "sample_ms", "postprocess_ms") if forward == "model" else ("host_ms",)
             for key in keys:
-                label = key.removesuffix("_ms") + (" (CPU forward between steps)" if forward == "model" else
+                label = key.removesuffix("_ms") + (f" ({device} forward between steps)" if forward == "model" else
                                                    " (forward stand-in, as on a GPU)")
                 ax.plot(xs, [r[key] for r in mine], marker="o", linestyle=style, label=label)
         ax.axhline(GOAL_MS_AT_256, color="grey", linestyle="--", label=f"goal at 256: {GOAL_MS_AT_256} ms")

@@ -9,7 +9,8 @@
 * ``fp8``: greedy tokens and log-probabilities with fp8 KV caches against the model-dtype
   cache, same prompts (not part of ``all``);
 * ``host``: host work per engine step against running requests (a tiny model, so the
-  scheduling, metadata and sampling around the forward is what is measured).
+  scheduling, metadata and sampling around the forward is what is measured; on CUDA when
+  there is a GPU; ``--quick``: 256 requests only).
 * ``startup``: wall time of ``cbkernels generate`` in fresh processes, cold (one-time model
   conversion) and warm (not part of ``all``).
 * ``schedule``: greedy against predictive admission and fixed against adaptive step budget
@@ -102,9 +103,9 @@ def run_bench(args) -> int:
         run_schedule(out_dir=out, quick=args.quick)
         return 0
     if args.part == "host":
-        from ..benchmarks.host import run_host
+        from ..benchmarks.host import RUNNING, run_host
 
-        run_host(out_dir=out)
+        run_host(out_dir=out, running=(256,) if args.quick else RUNNING)  # on CUDA when there is one
         return 0
     if "peers" in parts or "sweep" in parts:
         model, prompts, gc = _model_and_prompts(args)
