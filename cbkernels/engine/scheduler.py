@@ -18,12 +18,12 @@ picks the lowest priority, newest first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 from .adaptive import AdaptiveScheduling
 from .admission import QUANTILE
 from .allocators import OutOfBlocks
+from .batch import ScheduledBatch
 from .cache import PagedAttentionCache
 from .inputs import check_count
 from .length_model import LengthModel
@@ -33,25 +33,6 @@ from .waiting import AGING_STEPS, WaitQueue
 
 # A request that ended on its own (not cancelled or failed) teaches the length model.
 _NATURAL_ENDS = ("eos", "stop", "length")
-
-
-@dataclass(slots=True)
-class ScheduledBatch:
-    requests: list[Request] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)  # new tokens of each request
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
-    preempted: list[Request] = field(default_factory=list)
-    failed: list[Request] = field(default_factory=list)
-    members: set = field(default_factory=set)  # the scheduled requests, for O(1) membership
-    started: list[Request] = field(default_factory=list)  # admitted or forked this step (may not run)
-    samples: int = 0  # scheduled requests whose new tokens end their known tokens: they sample
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
 
 
 class Scheduler(AdaptiveScheduling):
