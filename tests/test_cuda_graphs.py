@@ -117,6 +117,12 @@ def test_which_steps_pad(llama, prompts):
     assert graphs.bucket_for(reqs * 3, [1] * 9) is None  # more than the largest bucket
     graphs.width = 1  # tables wider than the static block table: eager
     assert graphs.bucket_for(reqs, [1, 1, 1]) is None
+    # Exactly at the edge: the newest token's position must fall in the last static column.
+    longest = max(r.num_computed for r in reqs)
+    graphs.width = longest // BLOCK_SIZE + 1
+    assert graphs.bucket_for(reqs, [1, 1, 1]) == 4
+    graphs.width = longest // BLOCK_SIZE  # one column short for the longest request's new token
+    assert graphs.bucket_for(reqs, [1, 1, 1]) is None
 
 
 # --------------------------------------------------------------------------- token identity

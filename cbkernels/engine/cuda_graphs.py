@@ -88,11 +88,12 @@ class DecodeGraphs:
     def bucket_for(self, requests, num_tokens: list[int]) -> Optional[int]:
         """The bucket this step pads to, or None when it must run eagerly."""
         n = len(requests)
-        if self.disabled or n == 0 or n > self.buckets[-1] or any(t != 1 for t in num_tokens):
+        if self.disabled or n == 0 or n > self.buckets[-1] or max(num_tokens) != 1:
             return None
-        for alloc in self.runner.cache.allocators:
-            if any(len(alloc.block_table(r.request_id)) > self.width for r in requests):
-                return None
+        # A decode reads the table columns of its positions 0..num_computed; the static tables
+        # hold ``width`` columns (one attribute per request, not a table lookup per group).
+        if max(r.num_computed for r in requests) >= self.width * self.runner.cache.block_size:
+            return None
         return next(b for b in self.buckets if b >= n)
 
     # ------------------------------------------------------------------ static inputs
