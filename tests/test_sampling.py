@@ -203,6 +203,27 @@ def test_one_host_copy_and_one_sort_per_step(monkeypatch):
     assert out[1].logprob <= 0 and len(out[2].top) == 2 and not hasattr(out[0], "logprob")
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), vocab=st.integers(1, 70), levels=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64, torch.bfloat16]),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_argmax_rows_equals_torch_argmax(rows, vocab, levels, dtype, strided, seed):
+    """The greedy read-back (numpy on the CPU for the dtypes numpy has, torch otherwise) takes
+    the same token as torch.argmax, the first of tied maxima included (few distinct values
+    make ties common), on strided rows (logits[sampling]) too."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (2 * rows if strided else rows, vocab), generator=g).to(dtype)
+    if strided:
+        logits = logits[::2]
+    with torch.inference_mode():
+        assert sampling.argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist()
+
+
+def test_argmax_rows_takes_nan_like_torch():
+    logits = torch.tensor([[1.0, float("nan"), 5.0], [2.0, 7.0, 7.0]])
+    assert sampling.argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == [1, 1]
+
+
 # ------------------------------------------------------------------ log-probabilities
 def test_logprobs_equal_log_softmax_of_generate_scores(llama, prompts):
     gc = _gc(repetition_penalty=1.4, no_repeat_ngram_size=3, max_new_tokens=8)

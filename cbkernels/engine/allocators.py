@@ -117,6 +117,9 @@ class CacheAllocator(ABC):
         self.pool = pool
         self.block_size = block_size
         self.tables: dict[str, list[int]] = {}
+        # Requests whose table changed since the device copy last read it (DeviceBlockTables
+        # syncs only these, so a step does not look at every running request's table).
+        self.changed: set[str] = set()
 
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
@@ -161,9 +164,11 @@ class FullAttentionCacheAllocator(CacheAllocator):
             raise OutOfBlocks(f"request {request_id} needs {n} blocks, {self.pool.num_free()} free")
         new = [self.pool.take() for _ in range(n)]
         self.tables.setdefault(request_id, []).extend(new)
+        self.changed.add(request_id)
         return new
 
     def free_blocks(self, request_id):
+        self.changed.discard(request_id)
         for block in self.tables.pop(request_id, []):
             self.pool.release(block)
 
@@ -177,6 +182,7 @@ class FullAttentionCacheAllocator(CacheAllocator):
         for block in shared:
             self.pool.share(block)
         self.tables[child_id] = list(shared)
+        self.changed.add(child_id)
         copy = self.copy_on_write(child_id, len(shared) - 1) if num_computed % self.block_size else None
         return [copy] if copy is not None else []
 
@@ -184,6 +190,7 @@ class FullAttentionCacheAllocator(CacheAllocator):
         """Append an already cached block (a prefix-cache hit) to the request."""
         self.pool.share(block)
         self.tables.setdefault(request_id, []).append(block)
+        self.changed.add(request_id)
 
     def copy_on_write(self, request_id: str, logical: int) -> Optional[tuple[int, int]]:
         """Before writing into logical block ``logical``: if it is cached (possibly shared),
@@ -194,6 +201,7 @@ class FullAttentionCacheAllocator(CacheAllocator):
             return None
         dst = self.pool.take()
         table[logical] = dst
+        self.changed.add(request_id)
         self.pool.release(src)
         return src, dst
 
@@ -237,6 +245,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
             held.append(len(table))
             table.append(block)
             new.append(block)
+        self.changed.add(request_id)
         return new
 
     def trim(self, request_id, num_computed):
@@ -246,6 +255,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
             self.pool.release(self.tables[request_id][held.popleft()])
 
     def free_blocks(self, request_id):
+        self.changed.discard(request_id)
         table = self.tables.pop(request_id, [])
         for logical in self.held.pop(request_id, ()):
             self.pool.release(table[logical])
@@ -268,6 +278,7 @@ class SlidingAttentionCacheAllocator(CacheAllocator):
             copies.append((table[logical], child[logical]))
             held.append(logical)
         self.tables[child_id], self.held[child_id] = child, held
+        self.changed.add(child_id)
         return copies
 
     def peak_blocks(self, total_len, max_batch_tokens):

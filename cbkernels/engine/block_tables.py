@@ -3,10 +3,10 @@
 Each request that runs gets a row (released when it leaves); each layer group has a
 ``[rows, width]`` int32 table. While a request holds its row its tables only grow by
 appending (full attention appends blocks; a sliding ring appends recycled ids and keeps
-stale entries), so a step only has to write the entries appended since the last step:
-``pending_updates`` lists them, ``flat_updates`` turns them into (flat index, block id)
-pairs, which travel to the device in the step's one host-to-device copy and land with one
-``index_copy_``. A step's block tables are then a gather of its rows, with no per-step
+stale entries), so a step only has to write the entries appended since the last step, and
+only for the requests the allocators marked as changed: ``pending_updates`` lists them,
+``flat_updates`` turns them into (flat index, block id) pairs, which travel to the device in
+the step's one host-to-device copy and land with one ``index_copy_``. A step's block tables are then a gather of its rows, with no per-step
 table building on the host.
 """
 from __future__ import annotations
@@ -79,19 +79,21 @@ class DeviceBlockTables:
             self.synced[g][request_id] = n
         return row
 
-    def sync_rows(self, request_ids, host_tables: list[dict[str, list[int]]], out: list[int]) -> list[int]:
-        """``pending_updates`` for many requests at once (``host_tables``: each group's
-        allocator tables by request id); returns their rows. A request whose tables did not
-        grow since the last step costs a few dict lookups."""
+    def sync_rows(self, request_ids, allocators, out: list[int]) -> list[int]:
+        """``pending_updates`` for the requests whose tables changed since the last sync (each
+        allocator's ``changed`` set, cleared here), then the rows of ``request_ids``. A request
+        whose tables did not change costs one dict lookup."""
+        changed = allocators[0].changed if len(allocators) == 1 else set().union(*(a.changed for a in allocators))
+        if changed:
+            tables = [a.tables for a in allocators]
+            for rid in changed:
+                self.pending_updates(rid, [t.get(rid, []) for t in tables], out)
+            for a in allocators:
+                a.changed.clear()
         get_row = self.row_of.get
         rows = [get_row(rid) for rid in request_ids]
-        if None in rows:  # first step of some requests: give them rows
+        if None in rows:  # a request with no blocks yet (nothing to write): a row all the same
             rows = [self.row(rid) if row is None else row for rid, row in zip(request_ids, rows)]
-        for tables, synced in zip(host_tables, self.synced):
-            get_table, get_synced = tables.get, synced.get
-            grown = [rid for rid in request_ids if len(get_table(rid, ())) != get_synced(rid, 0)]
-            for rid in grown:
-                self.pending_updates(rid, [t.get(rid, []) for t in host_tables], out)
         return rows
 
     def flat_updates(self, quads: list[int]) -> list[int]:

@@ -197,6 +197,7 @@ class PagedAttentionCache:
                 copies.append(alloc.copy_on_write(req.request_id, hit // bs))
             else:  # no room for a private copy: drop the block and recompute it
                 self.pool.release(alloc.tables[req.request_id].pop())
+                alloc.changed.add(req.request_id)
                 hit = len(req.block_hashes) * bs
         req.num_computed = hit
         req.prefix_hit_tokens += hit

