@@ -51,6 +51,8 @@ class StepPlan:
 
     @property
     def cu_seqlens_q(self) -> list[int]:
+        if self.num_decodes == len(self.query_lens):  # one token per sequence
+            return list(range(len(self.query_lens) + 1))
         return list(accumulate(self.query_lens, initial=0))
 
     @property

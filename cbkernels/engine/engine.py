@@ -25,6 +25,7 @@ from ..attention.registry import make_backend
 from .cache import PagedAttentionCache
 from .cache_sizing import check_max_num_seqs, resolve_config
 from .config import BatchConfig
+from .cpu_malloc import keep_freed_memory
 from .distributed import attach
 from .hf_config import choose_config, engine_config
 from .hf_generation import GenerationSpec
@@ -50,6 +51,8 @@ class Engine:
         # The effective configuration: device-dependent defaults filled in (cache_sizing).
         self.config = resolve_config(requested, device)
         self.cache = PagedAttentionCache.for_model(model, self.config)
+        # On the CPU a step's large temporaries reuse heap memory instead of fresh pages (cpu_malloc.py).
+        self.cpu_malloc = keep_freed_memory() if self.cache.kv.device.type == "cpu" else "not used (device memory)"
         self.config.max_num_seqs = check_max_num_seqs(requested.max_num_seqs, self.config.max_num_seqs,
                                                       self.cache.num_blocks)
         mc = text_config(model)
@@ -366,7 +369,7 @@ class Engine:
             snapshot.update(self.scheduler.metrics())
             size = self.cache.size
             snapshot.update(cache_tokens=size.tokens, cache_gib=size.bytes / float(1 << 30), cache_sizing=size.how,
-                            max_num_seqs=self.config.max_num_seqs)
+                            max_num_seqs=self.config.max_num_seqs, cpu_malloc=self.cpu_malloc)
             return snapshot
 
 

@@ -288,7 +288,7 @@ class Scheduler(AdaptiveScheduling):
         for req in list(running):
             if budget <= 0:
                 break
-            if req.status is not decoding or req in members or req not in running:
+            if req.status is not decoding or req in members:  # preempted this step: PENDING now
                 continue
             known, pending, computed = len(req.tokens), req.pending, req.num_computed
             if pending and known + pending - req.prompt_len >= req.params.max_new_tokens:
