@@ -7,30 +7,23 @@ them apart. Each request ends at its drawn length through its stop check (as a s
 would end it), so the scheduler does not know the length in advance. Requests arrive as a
 Poisson process at ``OVERLOAD`` times the rate greedy admission serves them (measured first
 on the same workload, all requests at once), in three priority classes; the cache is small
-enough that greedy admission preempts. Part 1 keeps time on the process's CPU clock
-(``_Clock``): on a shared machine that is what compares runs, the wall clock moves with
-whatever else runs. Part 2 controls wall-clock latency, so it is timed on the wall clock.
+enough that greedy admission preempts. Part 1 keeps time on the process's CPU clock: on a
+shared machine that is what compares runs, the wall clock moves with whatever else runs.
 
 Part 1 (``admission``): per workload, greedy vs predictive: preemptions, recomputed tokens,
 output tokens/s, TTFT and ITL p50/p99, the length model's error, longest wait per priority.
-Part 2 (``budget``): fixed budgets from ``FIXED_BUDGETS`` against ``target_itl_ms`` set to
-each of ``TARGET_FACTORS`` times the decode-only step time, on the bimodal workload and a wider random
-Llama (hidden 256, 4 layers: a step's time grows with its tokens): p99 ITL against
-throughput. The embedded SmolLM2 runs a short part 1 on the bimodal workload
-(``--model smollm2``); the tiny random Llama (CPU-fast) runs everything.
+Part 2 (``budget``, ``schedule_budget.py``): fixed step budgets against ``target_itl_ms``
+on a wider random Llama, all settings side by side on bursty arrivals: p99 ITL against
+throughput (its own CSV, summary and PNG, ``schedule-budget-*``). The embedded SmolLM2 runs
+a short part 1 on the bimodal workload; the tiny random Llama (CPU-fast) runs everything.
 """
 from __future__ import annotations
 
-import random
-import time
-
 from .common import device_name, pyplot, report
-from .schedule_runs import CAP, PRIORITIES, WORKLOADS, _config, arrivals, capacity, draw, run_one, run_pair
+from .schedule_budget import _median, run_budget
+from .schedule_runs import CAP, PRIORITIES, WORKLOADS, _config, arrivals, capacity, draw, run_pair
 
 OVERLOAD = 1.5
-FIXED_BUDGETS = (32, 64, 128, 256, 512)
-BUDGET_REQUESTS = 100
-TARGET_FACTORS = (3.0, 5.0)
 WARMUP = 64  # requests served before the measured ones (both admission modes)
 TINY = dict(num_blocks=160, block_size=16, max_num_seqs=32, max_batch_tokens=512)
 SMOL = dict(num_blocks=32, block_size=16, max_num_seqs=16, max_batch_tokens=256)
@@ -53,88 +46,6 @@ def part_admission(model, workloads, n, sizes, vocab, cap, scale=1.0, label="tin
     return rows
 
 
-def _decode_step_ms(model, sizes, vocab) -> float:
-    """Median step time with only short decodes running (what a step costs without prefill)."""
-    from ..engine import Engine
-
-    engine = Engine(model, _config("greedy", sizes))
-    from transformers import GenerationConfig
-
-    gc = GenerationConfig(max_new_tokens=48, do_sample=False, eos_token_id=None, pad_token_id=0)
-    rng = random.Random(5)
-    for i in range(sizes["max_num_seqs"] // 2):
-        engine.add_request([rng.randrange(1, vocab) for _ in range(24)], gc)
-    for _ in range(4):
-        engine.step()
-    samples = []
-    for _ in range(24):
-        t = time.perf_counter()
-        engine.step()
-        samples.append(1e3 * (time.perf_counter() - t))
-    while engine.scheduler.has_work():
-        engine.step()
-    samples.sort()
-    return samples[len(samples) // 2]
-
-
-def budget_model(vocab: int):
-    """Wider than the admission part's model, so a step's time grows with its tokens well above
-    the machine's timing jitter (what a step budget controls)."""
-    from ..testing import tiny_llama as build
-
-    return build(vocab=vocab, hidden=256, heads=4, kv_heads=2, layers=4, max_positions=1024)
-
-
-def part_budget(model, n, sizes, vocab, cap, admission="predictive", rounds: int = 3) -> list[dict]:
-    """Fixed budgets and ``target_itl_ms`` settings on the same arrivals (wall clock), every
-    setting once per round, the order rotated by one setting each round: a busy spell of the
-    shared machine falls on different settings in different rounds."""
-    specs = draw("bimodal", n, seed=3)
-    times = arrivals(n, OVERLOAD * capacity(model, specs, sizes, vocab, cap, cpu_clock=False), seed=3)
-    step_ms = _decode_step_ms(model, sizes, vocab)
-    settings = [({**sizes, "max_batch_tokens": b}, {}) for b in FIXED_BUDGETS]
-    settings += [(sizes, {"target_itl_ms": round(f * step_ms, 2)}) for f in TARGET_FACTORS]
-    rows = []
-    for k in range(rounds):
-        print(f"budget round {k + 1}/{rounds}", flush=True)
-        for size, extra in settings[k % len(settings):] + settings[:k % len(settings)]:
-            row = run_one(model, specs, times, _config(admission, size, **extra), vocab, cap, cpu_clock=False)
-            rows.append(dict(part="budget", model="tiny-wide", workload="bimodal", repeat=k, **row,
-                             goal_itl_ms=extra.get("target_itl_ms"), decode_step_ms=step_ms))
-    return rows
-
-
-BUDGET_SUMMARY_COLUMNS = ["setting", "rounds", "itl_p99_ms", "itl_p99_min_ms", "itl_p99_max_ms", "output_tok_s",
-                          "p99_over_target", "rounds_within_10pct", "rounds_equal_fixed_missed", "rounds_goal_met"]
-
-
-def summarize_budget(rows) -> list[dict]:
-    """Per setting, medians over the rounds. For a target: the rounds whose p99 lies within
-    10% of it, and the rounds where every fixed budget of at least 97% of its throughput
-    missed the target by more than 10% (or none reached that throughput); the goal is met in
-    a round when both hold."""
-    bud = [r for r in rows if r["part"] == "budget"]
-    out = []
-    for key in dict.fromkeys((r["budget"], r["target_itl_ms"]) for r in bud):
-        runs = [r for r in bud if (r["budget"], r["target_itl_ms"]) == key]
-        p99 = [r["itl_p99_ms"] for r in runs]
-        row = dict(setting=f"target_itl_ms={key[1]}" if key[1] else f"max_batch_tokens={key[0]}", rounds=len(runs),
-                   itl_p99_ms=_median(p99), itl_p99_min_ms=min(p99), itl_p99_max_ms=max(p99),
-                   output_tok_s=_median([r["output_tok_s"] for r in runs]))
-        if key[1]:
-            target, within, missed, met = key[1], 0, 0, 0
-            for r in runs:
-                fixed = [f for f in bud if f["repeat"] == r["repeat"] and not f["target_itl_ms"]
-                         and f["output_tok_s"] >= 0.97 * r["output_tok_s"]]
-                ok = abs(r["itl_p99_ms"] / target - 1) <= 0.1
-                beaten = all(f["itl_p99_ms"] > 1.1 * target for f in fixed)
-                within, missed, met = within + ok, missed + beaten, met + (ok and beaten)
-            row.update(p99_over_target=row["itl_p99_ms"] / target, rounds_within_10pct=within,
-                       rounds_equal_fixed_missed=missed, rounds_goal_met=met)
-        out.append(row)
-    return out
-
-
 COLUMNS = ["part", "model", "workload", "repeat", "admission", "budget", "target_itl_ms", "clock", "steps",
            "preemptions", "recomputed_tokens",
            "output_tok_s",
@@ -153,8 +64,6 @@ def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, qui
     model = tiny_llama(vocab=vocab)
     n = 48 if quick else requests
     rows = part_admission(model, list(WORKLOADS), n, TINY, vocab, CAP, repeats=1 if quick else repeats)
-    rows += part_budget(budget_model(vocab), 24 if quick else BUDGET_REQUESTS, TINY, vocab, CAP,
-                        rounds=1 if quick else rounds)
     report("schedule", rows, COLUMNS, out_dir)  # written now too: the SmolLM2 part takes long
     if smollm2 and not quick:
         from ..models import load_for_device
@@ -165,19 +74,14 @@ def run_schedule(out_dir=None, *, requests: int = 200, smollm2: bool = True, qui
     path = report("schedule", rows, COLUMNS, out_dir)
     print()
     report("schedule-summary", summarize(rows), SUMMARY_COLUMNS, out_dir)
-    report("schedule-budget-summary", summarize_budget(rows), BUDGET_SUMMARY_COLUMNS, out_dir)
     _plot(rows, path.with_suffix(".png"))
-    return rows
+    print()
+    return rows + run_budget(out_dir, quick=quick, rounds=rounds)
 
 
 SUMMARY_COLUMNS = ["model", "workload", "repeats", "recomputed_greedy", "recomputed_predictive", "recomputed_cut",
                    "throughput_ratio", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max", "pairs_at_least_097",
                    "steps_greedy", "steps_predictive", "prediction_error", "longest_wait_s"]
-
-
-def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    return None if not xs else (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
 
 
 def summarize(rows) -> list[dict]:
@@ -209,7 +113,7 @@ def _plot(rows, png) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.5))
     adm = [r for r in rows if r["part"] == "admission" and r["model"] == "tiny"]
     labels = sorted({r["workload"] for r in adm})
     for k, mode in enumerate(("greedy", "predictive")):
@@ -223,18 +127,6 @@ def _plot(rows, png) -> None:
         ax.set_xticks([i + 0.2 for i in range(len(labels))], labels)
         ax.set_title(title)
         ax.legend()
-    bud = [r for r in rows if r["part"] == "budget"]
-    for r in bud:
-        a3.scatter(r["output_tok_s"], r["itl_p99_ms"], color="C1" if r["budget"] == "adaptive" else "C0")
-        label = r["budget"] if r["budget"] != "adaptive" else f"adaptive {r['target_itl_ms']}"
-        a3.annotate(str(label), (r["output_tok_s"], r["itl_p99_ms"]), fontsize=7)
-    for k, goal in enumerate(dict.fromkeys(r["goal_itl_ms"] for r in bud if r.get("goal_itl_ms"))):
-        a3.axhline(goal, color=f"C{k + 2}", linestyle="--", label=f"target_itl_ms {goal}")
-    if bud:
-        a3.legend()
-    a3.set_xlabel("output tokens/s")
-    a3.set_ylabel("p99 ITL, ms")
-    a3.set_title("fixed budgets vs target_itl_ms (bimodal)")
     fig.suptitle(f"adaptive scheduling ({device_name()})")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -1,6 +1,7 @@
-"""The runs behind ``cbkernels bench schedule`` (``schedule.py``): the workloads, Poisson
-arrivals, and one engine serving them a step at a time (``_Run``), alone (``run_one``) or
-alternating with another engine on the same workload (``run_pair``)."""
+"""The runs behind ``cbkernels bench schedule`` (``schedule.py``, ``schedule_budget.py``): the
+workloads, Poisson arrivals, and one engine serving them a step at a time
+(``_Run``), alone (``run_one``) or alternating with other engines on the same workload
+(``run_group``, ``run_pair``)."""
 from __future__ import annotations
 
 import math
@@ -74,31 +75,38 @@ def _warm_up(engine, warmup, gc, vocab: int, rng) -> None:
 class _Run:
     """One engine serving ``specs`` arriving at ``times``, a step at a time (``advance``).
 
-    CPU mode (``cpu_clock``): ``times`` count engine steps (request i is added before the
-    first step numbered ``>= times[i]``), so every run of a workload sees the same arrivals
-    step by step whatever the machine did meanwhile, and the clock is the process CPU time
-    spent in this run's own ``advance`` calls: two runs advanced alternately (``run_pair``)
-    are timed on the same machine state, and neither is charged for the other. Wall mode:
-    ``times`` are seconds and the clock is the wall clock (what a latency target controls).
-    ``warmup`` (specs) are served first, unmeasured, on the same engine."""
+    ``clock="cpu"``: ``times`` count engine steps (request i is added before the first step
+    numbered ``>= times[i]``), so every run of a workload sees the same arrivals step by step
+    whatever the machine did meanwhile, and the clock is the process CPU time spent in this
+    run's own ``advance`` calls: runs advanced alternately (``run_group``) are timed on the
+    same machine state, and none is charged for another. ``clock="busy"``: the same step-clock
+    arrivals, but latencies (TTFT, ITL) on the wall clock counted only inside this run's own
+    ``advance`` calls (what the engine's step-time model sees: ``target_itl_ms`` controls
+    wall time), throughput still over the CPU time. ``clock="wall"``: ``times`` are seconds
+    and everything is on the wall clock. ``warmup`` (specs) are served first, unmeasured."""
 
-    def __init__(self, model, specs, times, config, vocab, cap, seed=0, cpu_clock=True, warmup=()):
+    def __init__(self, model, specs, times, config, vocab, cap, seed=0, clock="cpu", warmup=()):
         from transformers import GenerationConfig
 
         from ..engine import Engine
 
-        self.specs, self.times, self.config, self.vocab, self.cpu = specs, times, config, vocab, cpu_clock
+        if clock not in ("cpu", "busy", "wall"):
+            raise ValueError(f"clock must be 'cpu', 'busy' or 'wall', got {clock!r}")
+        self.specs, self.times, self.config, self.vocab, self.clock = specs, times, config, vocab, clock
+        self.cpu = clock != "wall"  # arrivals on the step clock
         self.rng = random.Random(seed + 2)
         self.engine = Engine(model, config)
         self.gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=None, pad_token_id=0)
         _warm_up(self.engine, warmup, self.gc, vocab, self.rng)
         self.m0 = self.engine.metrics()
-        self.reqs, self.live, self.i, self.steps, self.spent = [], [], 0, 0, 0.0
+        self.reqs, self.live, self.i, self.steps, self.spent, self.busy = [], [], 0, 0, 0.0, 0.0
         self.token_times, self.scheduled, self.arrived = defaultdict(list), {}, {}
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
-        return self.spent if self.cpu else time.perf_counter() - self.t0
+        if self.clock == "wall":
+            return time.perf_counter() - self.t0
+        return self.spent if self.clock == "cpu" else self.busy
 
     @property
     def done(self) -> bool:
@@ -106,7 +114,7 @@ class _Run:
 
     def advance(self) -> None:
         """Add what has arrived, then one engine step (or wait for the next arrival)."""
-        start, engine, specs = time.process_time(), self.engine, self.specs
+        start, wall, engine, specs = time.process_time(), time.perf_counter(), self.engine, self.specs
         while self.i < len(specs) and self.times[self.i] <= (self.steps if self.cpu else self.now()):
             p, o, prio = specs[self.i]
             rid = engine.add_request([self.rng.randrange(1, self.vocab) for _ in range(p)], self.gc, f"r{self.i}",
@@ -127,6 +135,7 @@ class _Run:
         engine.step()
         self.steps += 1
         self.spent += time.process_time() - start
+        self.busy += time.perf_counter() - wall
         t = self.now()
         for req in self.live:
             if req not in self.scheduled and req.first_scheduled_step is not None:
@@ -137,7 +146,7 @@ class _Run:
 
     def row(self) -> dict:
         engine, reqs, config = self.engine, self.reqs, self.config
-        elapsed = self.now() if self.cpu else self.now() - self.times[0]
+        elapsed = self.spent if self.cpu else self.now() - self.times[0]
         m = engine.metrics()
         if engine.cache.get_num_free_blocks() != engine.cache.num_blocks:
             raise RuntimeError("blocks left in use after the run")
@@ -158,14 +167,14 @@ class _Run:
             waits[r.priority] = max(waits[r.priority], self.scheduled[r] - self.arrived[r])
         row = dict(admission=config.admission,
                    budget="adaptive" if config.target_itl_ms else config.max_batch_tokens,
-                   target_itl_ms=config.target_itl_ms, clock="cpu" if self.cpu else "wall", requests=len(reqs),
+                   target_itl_ms=config.target_itl_ms, clock=self.clock, requests=len(reqs),
                    preemptions=m["preemptions"], recomputed_tokens=m["recomputed_tokens"],
                    output_tok_s=sum(len(r.generated) for r in reqs) / elapsed,
                    ttft_p50_ms=_pct(ttft, 0.5), ttft_p99_ms=_pct(ttft, 0.99),
                    itl_p50_ms=_pct(itl, 0.5), itl_p99_ms=_pct(itl, 0.99),
                    prediction_error=sum(scored) / len(scored) if scored else None,
                    deferred=m["admissions_deferred_by_prediction"], mean_budget=m["step_budget_mean_tokens"],
-                   steps=m["steps"])
+                   steps=m["steps"], cpu_s=self.spent, busy_s=self.busy)
         row.update({f"longest_wait_p{p}_s": waits.get(p) for p in PRIORITIES})
         print(f"  {config.admission:>10} budget {row['budget']}: {row['output_tok_s']:.0f} tok/s "
               f"({row['clock']} clock), {row['steps']} steps, {row['preemptions']} preemptions, "
@@ -173,20 +182,23 @@ class _Run:
         return row
 
 
-def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int = 0, cpu_clock: bool = True,
+def run_one(model, specs, times, config, vocab: int, cap: int = CAP, seed: int = 0, clock: str = "cpu",
             warmup=()) -> dict:
     """Serve ``specs`` arriving at ``times`` on a fresh engine (``_Run``); the measured row."""
-    run = _Run(model, specs, times, config, vocab, cap, seed, cpu_clock, warmup)
+    run = _Run(model, specs, times, config, vocab, cap, seed, clock, warmup)
     while not run.done:
         run.advance()
     return run.row()
 
 
-def run_pair(model, specs, times, configs, vocab: int, cap: int = CAP, seed: int = 0, warmup=()) -> list[dict]:
-    """Serve the same workload on one engine per config, advanced alternately a step each, in
-    an order that alternates every round (CPU clock): slow and fast moments of a shared
-    machine fall on every run alike, so their throughput ratio is a fair comparison."""
-    runs = [_Run(model, specs, times, c, vocab, cap, seed, True, warmup) for c in configs]
+def run_group(model, specs, times, configs, vocab: int, cap: int = CAP, seed: int = 0, warmup=(),
+              clock: str = "cpu") -> list[dict]:
+    """Serve the same workload on one engine per config, advanced in turn a step each, the
+    order reversed every round (a step-clock ``clock``): slow and fast moments of a shared
+    machine fall on every run alike, so their throughputs and latencies compare fairly."""
+    if clock == "wall":
+        raise ValueError("run_group needs arrivals on the step clock: clock 'cpu' or 'busy'")
+    runs = [_Run(model, specs, times, c, vocab, cap, seed, clock, warmup) for c in configs]
     k = 0
     while not all(r.done for r in runs):
         for r in (runs if k % 2 == 0 else runs[::-1]):
@@ -194,6 +206,11 @@ def run_pair(model, specs, times, configs, vocab: int, cap: int = CAP, seed: int
                 r.advance()
         k += 1
     return [r.row() for r in runs]
+
+
+def run_pair(model, specs, times, configs, vocab: int, cap: int = CAP, seed: int = 0, warmup=()) -> list[dict]:
+    """Two engines (greedy and predictive admission) alternating step by step, CPU clock."""
+    return run_group(model, specs, times, configs, vocab, cap, seed, warmup)
 
 
 def _config(admission: str, sizes: dict, **kw):
@@ -205,7 +222,8 @@ def _config(admission: str, sizes: dict, **kw):
 def capacity(model, specs, sizes, vocab, cap, cpu_clock: bool = True) -> float:
     """Requests greedy admission serves per step (``cpu_clock``: the arrival clock counts
     steps; deterministic) or per wall second, with everything queued at once."""
-    row = run_one(model, specs, [0.0] * len(specs), _config("greedy", sizes), vocab, cap, cpu_clock=cpu_clock)
+    row = run_one(model, specs, [0.0] * len(specs), _config("greedy", sizes), vocab, cap,
+                  clock="cpu" if cpu_clock else "wall")
     if cpu_clock:
         return row["requests"] / row["steps"]
     return row["requests"] * row["output_tok_s"] / sum(s[1] for s in specs)
