@@ -69,7 +69,8 @@ def test_generate_on_the_embedded_model(tmp_path):
     assert "[1] What is the capital of France?" in proc.stdout
     assert "Paris" in proc.stdout
     for row in ("tokens/s", "TTFT p50 / p90", "ITL p50 / p90", "end-to-end p50 / p90", "peak cache occupancy",
-                "prefix cache hit rate", "padding saved vs padded steps", "compute vs one static padded batch"):
+                "prefix cache hit rate", "padding saved vs padded steps", "compute vs one static padded batch",
+                "CPU malloc"):
         assert row in proc.stdout
     record = json.loads(out.read_text())
     assert [r["status"] for r in record["results"]] == ["finished", "finished"]

@@ -87,6 +87,7 @@ def metrics_rows(outputs, wall_s: float, engine_metrics: dict) -> list[tuple[str
         ("output length prediction error", _share(engine_metrics.get("length_prediction_error"))),
         ("admissions deferred by prediction", str(engine_metrics.get("admissions_deferred_by_prediction", "-"))),
         ("step budget (mean tokens)", _tokens(engine_metrics.get("step_budget_mean_tokens"))),
+        ("CPU malloc", engine_metrics.get("cpu_malloc", "-")),
     ]
 
 
