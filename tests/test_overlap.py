@@ -3,6 +3,9 @@ builds step N+1 while step N runs, with step N's sampled tokens fed to step N+1 
 and read back one step later. On a CPU nothing overlaps, so what is proven here is that it is
 correct: the tokens of ``model.generate()`` under split prefill, preemption, prefix sharing,
 stops at EOS and cancellation, and every block free afterwards."""
+import statistics
+import time
+
 import pytest
 from transformers import GenerationConfig
 
@@ -111,3 +114,41 @@ def test_forked_siblings_match_the_synchronous_engine(llama, prompts):
             runs.append([o.generated_tokens for o in engine.generate(prompts[:4], gc)])
             assert engine.cache.get_num_free_blocks() == engine.cache.num_blocks
         assert len(runs[1]) == 12 and runs[1] == runs[0]
+
+
+class _SlowEvent:
+    """Stands in for a CUDA event whose step is still running on the device."""
+
+    def synchronize(self):
+        time.sleep(0.02)
+
+
+def test_waiting_for_the_device_is_not_counted_as_host_work(llama, prompts, monkeypatch):
+    """The read-back of an in-flight step waits for the device (here a fake event that takes
+    20 ms): that wait counts as device time in ``last_step_timing["device_wait"]`` and stays
+    out of ``host_ms_per_step_p50``, while the step's wall time includes it."""
+    from cbkernels.engine import overlap
+
+    init = overlap.InFlightStep.__init__
+
+    def slow_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.tokens is not None:
+            self._event = _SlowEvent()
+
+    monkeypatch.setattr(overlap.InFlightStep, "__init__", slow_init)
+    engine = Engine(llama, BatchConfig(async_scheduling=True, num_blocks=64))
+    gc = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for p in prompts[:3]:
+        engine.add_request(p, gc)
+    waits, walls = [], []
+    while engine.scheduler.has_work() or engine._in_flight is not None:
+        start = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - start)
+        waits.append(engine.last_step_timing["device_wait"])
+    read_backs = [w for w in waits if w > 0]
+    assert len(read_backs) >= 6 and all(w >= 0.02 for w in read_backs)
+    assert statistics.median(walls) >= 0.02
+    assert engine.metrics()["host_ms_per_step_p50"] < 15.0
+    assert_pool_accounting(engine.cache)

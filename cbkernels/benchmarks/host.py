@@ -112,7 +112,7 @@ def measure(n: int, steps: int = MEASURED_STEPS, forward: str = "model", device:
         total = time.perf_counter() - start
         t = engine.last_step_timing
         for key in phases:
-            phases[key].append(t[key] if key != "host" else total - t["forward"])
+            phases[key].append(t[key] if key != "host" else total - t["forward"] - t["device_wait"])
     running = len(engine.scheduler.running)
     return {"running": running, "forward": forward, "device": device.type,
             **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in phases.items()}}

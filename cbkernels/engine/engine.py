@@ -246,6 +246,7 @@ class Engine:
         """1. schedule; 2. run (launch; with asynchronous scheduling the previous step's tokens
         are read back while this one runs, see ``cbkernels.engine.overlap``); 3. postprocess."""
         start = time.perf_counter()
+        self.runner.reset_timing()
         self._tp.begin_step()  # rank 0 sends this step's new requests and cancellations
         self._switch.activate()
         batch = self.scheduler.schedule()
@@ -284,8 +285,9 @@ class Engine:
                 made += self._read_back(launched)
         self.last_step_timing = {"schedule": scheduled - start, **self.runner.timing,
                                  "postprocess": time.perf_counter() - ran}
+        device_s = self.runner.timing["forward"] + self.runner.timing["device_wait"]  # the rest is host work
         self._stats.record_step(batch.num_tokens, len(made), len(batch.preempted), time.perf_counter() - start,
-                                self.cache.num_used_blocks(), self.runner.timing["forward"])
+                                self.cache.num_used_blocks(), device_s)
         self.scheduler.observe_step(batch, time.perf_counter() - start)  # the step-time model (target_itl_ms)
         if not self._has_work():
             self._switch.restore()
@@ -297,7 +299,9 @@ class Engine:
     def _read_back(self, step) -> list[tuple[str, int]]:
         """The tokens of a launched step (waiting for them), applied: states, stops, metrics."""
         made: list[tuple[str, int]] = []
-        for req in self.scheduler.resolve(step.batch, step.sampled(), time.perf_counter(), made):
+        sampled = step.sampled()
+        self.runner.timing["device_wait"] += step.wait_s
+        for req in self.scheduler.resolve(step.batch, sampled, time.perf_counter(), made):
             self._stats.record_request(req.to_output())
         return made
 

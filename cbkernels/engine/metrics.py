@@ -47,7 +47,8 @@ class EngineMetrics:
     busy_s: float = 0.0  # wall time inside step()
     peak_used_blocks: int = 0  # most cache blocks in use after any step
     async_steps: int = 0  # steps launched without waiting for their tokens (asynchronous scheduling)
-    # Host time of recent steps (wall time of a step minus its model forward), seconds.
+    # Host time of recent steps (wall time of a step minus its model forward and, on CUDA, the
+    # host's waits for the device: before sampling, and for an in-flight step's tokens), seconds.
     host_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # Latency samples of the most recent requests only: a long-running server must not keep
     # every sample it ever saw. The mean and percentiles are over this window.
@@ -56,9 +57,9 @@ class EngineMetrics:
     e2e_s: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     def record_step(self, num_tokens: list[int], generated: int, preempted: int, seconds: float,
-                    used_blocks: int = 0, forward_s: float = 0.0) -> None:
+                    used_blocks: int = 0, device_s: float = 0.0) -> None:
         self.steps += 1
-        self.host_s.append(seconds - forward_s)
+        self.host_s.append(seconds - device_s)
         self.peak_used_blocks = max(self.peak_used_blocks, used_blocks)
         self.batch_tokens += sum(num_tokens)
         self.padded_tokens += len(num_tokens) * max(num_tokens, default=0)

@@ -41,9 +41,11 @@ class ModelRunner:
         self.eager_steps = 0
         # Asynchronous scheduling: the last launched step whose tokens are still on the device.
         self.previous: Optional[InFlightStep] = None
-        # Seconds of the last run: prepare (plan + metadata), forward, sample. The forward's
-        # share is device work on a CPU; everything else is host work per step.
-        self.timing = {"prepare": 0.0, "forward": 0.0, "sample": 0.0}
+        # Seconds of the current step (reset by ``reset_timing``): prepare (plan + metadata),
+        # forward, sample, and device_wait: the host waiting for the device (CUDA: before it
+        # samples, and for an in-flight step's tokens). The forward's share is device work on
+        # a CPU; the forward and the waits aside, everything is host work per step.
+        self.timing = {"prepare": 0.0, "forward": 0.0, "sample": 0.0, "device_wait": 0.0}
         if resolve_use_cuda_graph(use_cuda_graph, self.device, backend.name):
             limit = cache.max_batch_tokens if max_num_seqs is None else min(max_num_seqs, cache.max_batch_tokens)
             self.graphs = DecodeGraphs(self, limit)
@@ -103,9 +105,11 @@ class ModelRunner:
             stats.update(self.graphs.stats())
         return stats
 
+    def reset_timing(self) -> None:
+        self.timing = dict.fromkeys(self.timing, 0.0)
+
     def _forward_batch(self, batch):
         """Copies, row order, forward: (order, requests in row order, sampling rows, logits [S, V])."""
-        self.timing = dict.fromkeys(self.timing, 0.0)
         self.cache.apply_copies(batch.copies)
         if max(batch.num_tokens) == 1:  # decode-only: already one-row first
             order, requests, counts = range(len(batch.requests)), batch.requests, batch.num_tokens
@@ -144,12 +148,17 @@ class ModelRunner:
         self.previous = step if tokens is not None else None
         if not on_device:
             self.sample_on_host(step)
-        self.timing["sample"] = time.perf_counter() - sampled_at
+        self.timing["sample"] = time.perf_counter() - sampled_at - self.timing["device_wait"]
         self.timing["prepare"] = sampled_at - start - self.timing["forward"]
         return step
 
     def sample_on_host(self, step: InFlightStep) -> None:
-        """The host sampling of a step (its rows' histories complete)."""
+        """The host sampling of a step (its rows' histories complete). On CUDA the wait for
+        the forward is timed apart (``device_wait``), so ``sample`` is the sampling's own time."""
+        if step.rows and step.logits.is_cuda:
+            start = time.perf_counter()
+            torch.cuda.current_stream(step.logits.device).synchronize()
+            self.timing["device_wait"] += time.perf_counter() - start
         step.host_tokens = sample(step.logits, step.rows, self.generator) if step.rows else []
 
     def _eager(self, requests: list[Request], num_tokens: list[int], sampling: list[int]) -> torch.Tensor:

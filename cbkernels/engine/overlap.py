@@ -12,6 +12,8 @@ previous step's tokens are back.
 """
 from __future__ import annotations
 
+import time
+
 from typing import Optional, Sequence
 
 import torch
@@ -51,6 +53,7 @@ class InFlightStep:
         # Which row of ``tokens`` each request's next input is (the runner's plan reads it).
         self.rows_of = {r: j for j, r in enumerate(rows)} if tokens is not None else {}
         self._host = self._event = None
+        self.wait_s = 0.0  # how long reading the tokens back waited for the device
         if tokens is not None:
             if tokens.is_cuda:
                 self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -77,7 +80,9 @@ class InFlightStep:
         """One entry per ``batch.requests``: its token (waiting for the copy), or None."""
         if self.host_tokens is None:
             if self._event is not None:
+                start = time.perf_counter()
                 self._event.synchronize()
+                self.wait_s = time.perf_counter() - start
             self.host_tokens = self._host.tolist() if self._host is not None else []
         n = len(self.batch.requests)
         if len(self.host_tokens) == n and isinstance(self.order, range):  # every row sampled, in order
