@@ -29,11 +29,16 @@ class AdaptiveScheduling:
             self.predictive = PredictiveAdmission(cache.num_blocks, cache.block_size, self.max_batch_tokens,
                                                   self.length_model, groups=len(cache.allocators),
                                                   capacity=self.max_num_seqs)
-        self.step_budget = StepBudget(target_itl_ms, self.max_batch_tokens) if target_itl_ms is not None else None
+        self.step_budget = None if target_itl_ms is None else StepBudget(
+            target_itl_ms, self.max_batch_tokens, context=self._running_context)
         self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
         self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
         self._step_start_budget = self.last_budget = self.max_batch_tokens
         self._budget_total = 0
+
+    def _running_context(self) -> int:
+        """The tokens the running requests have computed: the KV a step's decodes read."""
+        return sum(r.num_computed for r in self.running)
 
     def _victim(self, batch):
         """The running request to preempt: not scheduled in this step, lowest priority, newest."""
