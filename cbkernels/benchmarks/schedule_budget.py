@@ -1,15 +1,16 @@
 """Part 2 of ``cbkernels bench schedule``: fixed step budgets against ``target_itl_ms``.
 
-A fixed budget ``B`` makes a step that has prefill pending cost about ``a + b * B + c * S``
-(``S``: the sequences in the step); the adaptive budget picks the most tokens that fit the
-target at the ``S`` of each step, so it packs more prefill while few sequences run and less
-while many do. It can beat every fixed budget only where ``S`` swings while the engine is
-busy; with ``S`` constant it is some fixed budget. The ``bursty`` workload makes ``S`` swing:
-every ``BURST_EVERY`` engine steps a burst of 8-32 requests (prompts of 64-256 tokens,
-answers of 16-96) arrives at once, so the running count climbs from a few to the burst's
-size while the burst's prompts are prefilled and falls back as the answers end. The
-``steady`` workload (Poisson arrivals, the admission part's bimodal lengths) is the
-contrast: there the running count moves little.
+A fixed budget ``B`` makes a step that has prefill pending cost about ``a + b * B`` plus
+what its decodes cost (per sequence and per token of history they read); the adaptive
+budget picks the most tokens that fit the target beside the decodes of each step, so it
+packs more prefill while few or short sequences run and less while many do. It can beat
+every fixed budget only where that swings while prefill is pending; with the running set
+constant it is some fixed budget. The ``mixed`` workload makes it swing: every
+``BURST_EVERY`` engine steps a burst of 20-28 chats (priority 1, prompts of 16-64 tokens,
+answers of 48-128) arrives at once, and all along a document (priority 0, a prompt of
+256-512 tokens, an answer of 4-16) arrives every ``DOC_EVERY`` steps: between bursts a few
+documents prefill, during a burst some 25 chats decode beside them. The ``steady``
+workload (Poisson arrivals, the admission part's bimodal lengths) is the contrast.
 
 Method: arrivals on the engine's step count (every setting sees the same requests at the
 same steps); all settings (``FIXED_BUDGETS`` and one ``target_itl_ms`` per
@@ -17,8 +18,8 @@ same steps); all settings (``FIXED_BUDGETS`` and one ``target_itl_ms`` per
 the order reversed every step round), so a slow moment of the shared machine falls on all
 of them. Latencies are on each engine's own wall clock (the time inside its own steps: what
 its step-time model observes and the target bounds); throughput is output tokens over the
-CPU time the engine worked. The targets are multiples of a decode-only step with
-``max_num_seqs`` running (no budget can go below that).
+CPU time the engine worked. The targets are multiples of a decode-only step with a burst's
+28 chats running (the least of three medians).
 
 Criterion (``summarize_budget``), per round and target: the p99 lies within 10% of the
 target, and the fixed budgets' frontier at the adaptive run's throughput misses the target
