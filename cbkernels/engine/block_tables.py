@@ -6,8 +6,8 @@ appending (full attention appends blocks; a sliding ring appends recycled ids an
 stale entries), so a step only has to write the entries appended since the last step, and
 only for the requests the allocators marked as changed: ``pending_updates`` lists them,
 ``flat_updates`` turns them into (flat index, block id) pairs, which travel to the device in
-the step's one host-to-device copy and land with one ``index_copy_``. A step's block tables are then a gather of its rows, with no per-step
-table building on the host.
+the step's one host-to-device copy and land with one ``index_copy_``. A step's block tables
+are then a gather of its rows, with no per-step table building on the host.
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ previous step's tokens are back.
 from __future__ import annotations
 
 import time
-
 from typing import Optional, Sequence
 
 import torch
