@@ -258,8 +258,10 @@ def test_step_budget_puts_p99_at_the_target(target):
 def test_step_budget_recovers_right_after_a_slow_spell():
     """A spell 4x slower (no budget meets the target then: decodes alone exceed it) pins the
     budget to its floor; once the machine is fast again the budget is back within a few
-    dozen steps (anti-windup: the feedback does not wind past the floor), and the tokens'
-    p99 outside the spell stays within 10% of the target, busier and quieter steps alike."""
+    dozen steps (the budget's speed level follows the machine within a few steps, and the
+    step-time model, fitted on times divided by it, kept its coefficients through the spell),
+    and the tokens' p99 outside the spell stays within 10% of the target, busier and quieter
+    steps alike."""
     from cbkernels.engine.step_budget import StepBudget
 
     rng = random.Random(1)

@@ -1,10 +1,12 @@
 """The step budget's context term: a step's time grows with the KV its decodes read, not
 only with its tokens and sequences (``StepBudget(context=...)``)."""
+import math
 import random
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from cbkernels.engine.step_budget import StepBudget, StepTimeModel
+from cbkernels.engine.step_budget import RatioQuantile, StepBudget, StepTimeModel
 
 
 def test_budget_follows_the_running_context():
@@ -60,3 +62,75 @@ def test_without_a_context_the_model_is_the_three_term_one():
 def test_context_must_be_callable():
     with pytest.raises(TypeError, match="context"):
         StepBudget(10.0, 512, context=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.4, 7.0), st.integers(1, 40)), min_size=1, max_size=300),
+       st.sampled_from([0.5, 0.9, 0.99]))
+def test_ratio_quantile_matches_the_weighted_quantile(samples, q):
+    """Without forgetting the histogram's value is the weighted quantile of what it saw,
+    rounded up to its bin's edge: never below it, at most one bin (2%) above it."""
+    rq = RatioQuantile(q=q, forget=1.0)
+    for ratio, weight in samples:
+        rq.add(ratio, weight)
+    got = rq.value()
+    total = sum(w for _, w in samples)
+    above = lambda x: sum(w for r, w in samples if r > x)  # noqa: E731
+    exact = min(r for r, _ in samples if above(r) <= (1 - q) * total + 1e-9)
+    width = math.exp((RatioQuantile.LOG_HI - RatioQuantile.LOG_LO) / RatioQuantile.BINS)
+    assert exact <= got * (1 + 1e-9) and got <= exact * width * (1 + 1e-9)
+
+
+def test_ratio_quantile_forgets():
+    rq = RatioQuantile(q=0.99, forget=0.99)
+    for _ in range(300):
+        rq.add(2.0)
+    for _ in range(1000):
+        rq.add(1.0)
+    assert rq.value() == pytest.approx(1.0, rel=0.03)  # the 2.0s weigh 0.99^1000 of what they did
+
+
+@pytest.mark.parametrize("noise_p99", [1.2, 1.8])
+def test_budget_aims_at_the_noise_quantile_from_the_first_burst(noise_p99):
+    """Bursts: 25 sequences for 90 steps, then 3 for 210, prefill always waiting; the step
+    time's noise is heavy-tailed (lognormal with the given 99th percentile). The budget learns
+    the noise from every step, so the tokens' p99 lands within 10% of the target in each
+    burst, the first included (the feedback on exceedances came down only after a burst's
+    first steps overshot it)."""
+    rng = random.Random(3)
+    sigma = math.log(noise_p99) / 2.326
+    target, state = 30.0, {"ctx": 0}
+    budget = StepBudget(target, 512, context=lambda: state["ctx"])
+    bursts = []
+    for step in range(300 * 5):
+        running = 25 if step % 300 < 90 else 3
+        state["ctx"] = running * 100
+        t = budget.budget(running)
+        ms = (1.5 + 0.07 * t + 0.3 * running + 0.002 * state["ctx"]) * math.exp(rng.gauss(0, sigma))
+        budget.observe(t, running, ms / 1e3)
+        if step % 300 == 0:
+            bursts.append([])
+        if step >= 300:
+            bursts[-1] += [ms] * running
+    for itl in bursts[1:]:
+        itl.sort()
+        assert 0.85 * target <= itl[int(0.99 * len(itl))] <= 1.1 * target
+
+
+def test_admits_keeps_the_decodes_within_the_aim():
+    """Once fitted, a new sequence is admitted only while a step of the running decodes and
+    it is predicted to fit the aim; with nothing running it is always admitted."""
+    target, state = 20.0, {"ctx": 1000}
+    budget = StepBudget(target, 512, context=lambda: state["ctx"])
+    rng = random.Random(0)
+    for _ in range(200):
+        running = rng.randint(1, 30)
+        t = budget.budget(running)
+        budget.observe(t, running, (1.0 + 0.05 * t + 0.5 * running + 0.001 * state["ctx"]) / 1e3)
+    budget.budget(10)
+    aim = budget.aim_ms()
+    assert aim == pytest.approx(target, rel=0.05)  # no noise: the whole target
+    fits = lambda n, ctx: 1.0 + 0.05 * n + 0.5 * n + 0.001 * (1000 + ctx) <= aim  # noqa: E731
+    for running, ctx in [(10, 0), (30, 0), (31, 500), (33, 0), (20, 5000)]:
+        assert budget.admits(running, ctx) == fits(running + 1, ctx), (running, ctx)
+    assert budget.admits(0, 10 ** 6)

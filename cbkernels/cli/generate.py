@@ -87,12 +87,19 @@ def metrics_rows(outputs, wall_s: float, engine_metrics: dict) -> list[tuple[str
         ("output length prediction error", _share(engine_metrics.get("length_prediction_error"))),
         ("admissions deferred by prediction", str(engine_metrics.get("admissions_deferred_by_prediction", "-"))),
         ("step budget (mean tokens)", _tokens(engine_metrics.get("step_budget_mean_tokens"))),
+        ("target_itl_ms: deferred admissions / steps at the floor", _target(engine_metrics)),
         ("CPU malloc", engine_metrics.get("cpu_malloc", "-")),
     ]
 
 
 def _share(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}% (mean |predicted - actual| / actual)"
+
+
+def _target(m: dict) -> str:
+    if m.get("target_itl_ms") is None:
+        return "- (no target_itl_ms)"
+    return f"{m['admissions_deferred_by_target']} / {m['step_budget_floor_steps']} (aim {m['step_budget_scale']:.2f} x target)"
 
 
 def _tokens(value) -> str:

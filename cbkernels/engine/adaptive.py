@@ -35,10 +35,23 @@ class AdaptiveScheduling:
         self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
         self._step_start_budget = self.last_budget = self.max_batch_tokens
         self._budget_total = 0
+        self.deferred_by_target = 0  # admissions held back because the decodes with them would miss the target
+        self._target_deferred_head = None
 
     def _running_context(self) -> int:
         """The tokens the running requests have computed: the KV a step's decodes read."""
         return sum(r.num_computed for r in self.running)
+
+    def _target_admits(self, req, batch) -> bool:
+        """``target_itl_ms``: whether the running decodes, with ``req`` and this step's other
+        admissions, are predicted to keep to the target (``StepBudget.admits``)."""
+        joining = req.prompt_len + sum(r.prompt_len for r in batch.started)
+        if self.step_budget.admits(len(self.running), joining):
+            return True
+        if self._target_deferred_head is not req:
+            self._target_deferred_head = req
+            self.deferred_by_target += 1
+        return False
 
     def _victim(self, batch):
         """The running request to preempt: not scheduled in this step, lowest priority, newest."""

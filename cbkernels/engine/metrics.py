@@ -125,6 +125,11 @@ def scheduling_snapshot(sched) -> dict:
         "step_budget_tokens": sched.last_budget,  # the last step's token budget
         "step_budget_mean_tokens": sched.mean_budget(),
         "target_itl_ms": None if sched.step_budget is None else sched.step_budget.target_ms,
+        # requests kept waiting because the decodes with them were predicted to exceed the target
+        "admissions_deferred_by_target": sched.deferred_by_target,
+        # steps whose decodes alone were predicted over the target's aim: a target tighter than the running set allows
+        "step_budget_floor_steps": 0 if sched.step_budget is None else sched.step_budget.floor_steps,
+        "step_budget_scale": None if sched.step_budget is None else sched.step_budget.scale,
     }
 
 

@@ -331,6 +331,8 @@ class Scheduler(AdaptiveScheduling):
                 continue
             if self.predictive is not None and self.running and not self.predictive.admits(req, self.steps):
                 return  # the predicted peak would not fit: wait for running requests to finish
+            if self.step_budget is not None and not self._target_admits(req, batch):
+                return  # the decodes with it would not keep to target_itl_ms: wait for some to finish
             copies = self.cache.match_prefix(req)
             n = min(req.remaining, self._budget)
             if self.cache.blocks_needed(req, n) > self.cache.get_num_free_blocks():

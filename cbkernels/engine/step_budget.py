@@ -8,17 +8,20 @@ decode reads, given by the ``context`` callable); ``StepBudget`` picks each step
 budget as the most tokens the model predicts to fit in ``scale * target``. Without the
 context term a step of many long histories and one of as many short ones looked alike to
 the model: the feedback then shrank every budget for the sake of the long ones.
-``scale`` tracks the 99th percentile of inter-token latency: after each step it is
-multiplied by ``exp(-ETA * w * (exceeded - 0.01))`` (``exceeded``: 1 if the step took
-longer than the target; ``w``: the step's sequences over their recent mean, since every
-sequence in a step waits for all of it), so it settles where 1% of the tokens' latencies
-exceed the target, the machine's jitter and the model's error included. Anti-windup:
-``scale`` is kept between the values at which the budget reaches its floor and its cap
-(below or above them it changes nothing), so after a slow spell that pinned the budget to
-its floor the budget grows back at once instead of first undoing the excess. Decodes
-always fit (the budget never drops below the running requests), so what shrinks is the
-prefill packed beside them. Until ``WARMUP_STEPS`` steps were seen the budget ramps up
-from a small value, which also gives the fit a spread of step sizes.
+``scale`` is the share of the target the model aims at: one over the 99th percentile of the
+ratio of a step's time to the model's prediction for it, over the recent steps, each step
+weighted by its sequences (every sequence in a step waits for all of it, so the tokens'
+latencies are the steps' times weighted that way; ``RatioQuantile``). A machine whose steps
+of equal makeup vary by 1.8x at the 99th percentile gets a scale near 0.55: the median step
+aims at 55% of the target so that 1% of the tokens wait longer than it. Every step teaches
+the quantile, so the scale learnt while few sequences run holds when a burst arrives;
+feedback on the target's exceedances alone (the first design) learnt from 1% of the steps
+and came down only after a burst's first steps had overshot. Decodes always fit (the
+budget never drops below the running requests), so what shrinks is the prefill packed
+beside them; ``admits`` keeps a new sequence waiting while the running ones' decodes,
+predicted with it, would leave the target (a prefill budget cannot shorten those steps).
+Until ``WARMUP_STEPS`` steps were seen the budget ramps up from a small value, which also
+gives the fit a spread of step sizes.
 """
 from __future__ import annotations
 
@@ -29,7 +32,44 @@ import numpy as np
 FORGET = 0.99
 WARMUP_STEPS = 16
 REFIT_EVERY = 4
-ETA, MIN_SCALE, MAX_SCALE = 0.1, 0.1, 1.5
+MIN_SCALE, MAX_SCALE = 0.1, 1.5
+QUANTILE, QUANTILE_FORGET, QUANTILE_MIN_STEPS = 0.99, 0.998, 32
+LEVEL_RATE = 0.2
+
+
+class RatioQuantile:
+    """A weighted quantile of positive ratios with exponential forgetting: a histogram of
+    ``log(ratio)`` over ``[LOG_LO, LOG_HI]`` (ratios of 0.37 to 7.4; outside, the end bins),
+    bounded memory, the value rounded up to its bin's upper edge (2% wide)."""
+
+    LOG_LO, LOG_HI, BINS = -1.0, 2.0, 150
+
+    def __init__(self, q: float = QUANTILE, forget: float = QUANTILE_FORGET):
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"q must be in (0, 1), got {q}")
+        self.q, self.forget = q, forget
+        self.weights = np.zeros(self.BINS)
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, ratio: float, weight: float = 1.0) -> None:
+        if not ratio > 0 or not weight > 0:
+            return
+        width = (self.LOG_HI - self.LOG_LO) / self.BINS
+        i = min(self.BINS - 1, max(0, int((math.log(ratio) - self.LOG_LO) // width)))
+        self.weights *= self.forget
+        self.weights[i] += weight
+        self.total = self.forget * self.total + weight
+        self.count += 1
+
+    def value(self) -> float | None:
+        """The smallest bin edge with at most ``1 - q`` of the weight above it."""
+        if not self.count:
+            return None
+        above = np.cumsum(self.weights[::-1])  # above[k]: weight in the top k + 1 bins
+        k = int(np.searchsorted(above, (1.0 - self.q) * self.total, side="right"))
+        width = (self.LOG_HI - self.LOG_LO) / self.BINS
+        return math.exp(self.LOG_LO + (self.BINS - k) * width)
 
 
 class StepTimeModel:
@@ -73,13 +113,18 @@ class StepBudget:
         self.target_ms = float(target_ms)
         self.max_batch_tokens = max_batch_tokens
         self.model = StepTimeModel()
-        self.scale = 1.0  # the share of the target the model aims at (feedback on the observed p99)
-        self._span = (MIN_SCALE, MAX_SCALE)  # the scales between the budget's floor and cap (anti-windup)
-        self._mean_seqs = 0.0
+        self.scale = 1.0  # the share of the target the model aims at: 1 / the ratios' 99th percentile
+        self.ratios = RatioQuantile()  # a step's time over the model's prediction, weighted by its sequences
+        self.level = 1.0  # the recent steps' time over prediction (a moving average): a machine's slow spell
+        self.floor_steps = 0  # steps whose decodes alone were predicted to take longer than the aim
         if context is not None and not callable(context):
             raise TypeError(f"context must be a callable or None, got {type(context).__name__}")
         self.context = context  # () -> the running requests' computed tokens
         self._context = 0  # at the last budget() call: what observe() pairs the step's time with
+
+    def _fixed_ms(self, seqs: int, ctx: float) -> float:
+        a, _, c, d = self.model.coef
+        return a + c * seqs + d * ctx
 
     def budget(self, running: int) -> int:
         floor = min(self.max_batch_tokens, max(1, running))
@@ -88,20 +133,35 @@ class StepBudget:
         if m.steps < WARMUP_STEPS or m.coef is None:
             ramp = max(16, self.max_batch_tokens * (m.steps + 1) // (4 * WARMUP_STEPS))
             return max(floor, min(self.max_batch_tokens, ramp))
-        a, b, c, d = m.coef
-        fixed = a + c * (running + 1) + d * ctx
-        self._span = (max(MIN_SCALE, (fixed + b * floor) / self.target_ms),
-                      min(MAX_SCALE, (fixed + b * self.max_batch_tokens) / self.target_ms))
-        room = self.scale * self.target_ms - fixed
+        b = m.coef[1]
+        room = self.aim_ms() - self._fixed_ms(running + 1, ctx)
+        if room < b * floor:
+            self.floor_steps += 1
         if b <= 0.0:
             return self.max_batch_tokens if room > 0 else floor
         return max(floor, min(self.max_batch_tokens, int(room / b)))
 
+    def aim_ms(self) -> float:
+        """What a step may take in the model's units (the machine's usual speed)."""
+        return self.scale * self.target_ms / self.level
+
+    def admits(self, running: int, new_context: int) -> bool:
+        """Whether a step of decodes only, the running requests' and one more sequence with
+        ``new_context`` tokens of history, is predicted to keep within the aim."""
+        m = self.model
+        if m.steps < WARMUP_STEPS or m.coef is None or running == 0:
+            return True
+        seqs = running + 1
+        return self._fixed_ms(seqs, self._context + new_context) + m.coef[1] * seqs <= self.aim_ms()
+
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
         ms = 1e3 * seconds
-        self.model.observe(tokens, seqs, ms, self._context)
-        self._mean_seqs = seqs if not self._mean_seqs else 0.99 * self._mean_seqs + 0.01 * seqs
-        weight = min(4.0, seqs / self._mean_seqs)
-        exceeded = 1.0 if ms > self.target_ms else 0.0
-        lo, hi = self._span
-        self.scale = min(max(lo, hi), max(lo, self.scale * math.exp(-ETA * weight * (exceeded - 0.01))))
+        m = self.model
+        unit = m.predict(tokens, seqs, self._context) if m.steps >= WARMUP_STEPS else None
+        m.observe(tokens, seqs, ms / self.level, self._context)
+        if unit is not None and unit > 0:
+            ratio = ms / unit  # this step's speed
+            self.ratios.add(ratio / self.level, seqs)
+            self.level = min(4.0, max(0.25, self.level + LEVEL_RATE * (min(max(ratio, 0.25), 4.0) - self.level)))
+            if self.ratios.count >= QUANTILE_MIN_STEPS:
+                self.scale = min(MAX_SCALE, max(MIN_SCALE, 1.0 / self.ratios.value()))
