@@ -38,7 +38,7 @@ def test_summary_counts_a_round_as_met_only_when_both_halves_hold():
             _row(None, 250.0, 10.4, target=10.0, repeat=1)]  # the 64 budget serves more at 11 ms
     summary = {r["setting"]: r for r in sb.summarize_budget(rows)}
     adaptive = summary["target_itl_ms=10.0"]
-    assert adaptive["rounds"] == 2 and adaptive["rounds_within_10pct"] == 2
+    assert adaptive["rounds"] == 2 and adaptive["rounds_within_10pct"] == 2 and adaptive["rounds_binding"] == 2
     assert adaptive["rounds_equal_missed"] == 1 and adaptive["rounds_goal_met"] == 1
     assert adaptive["rounds_band_missed"] == 1  # round 0: 64 (0.8x) is outside the 97% band, 128 misses
     assert adaptive["gain_over_best_meeting"] == pytest.approx((250 / 100 + 250 / 260) / 2)
@@ -50,6 +50,13 @@ def test_judge_counts_a_target_no_fixed_budget_reaches_as_missed():
     verdict = sb.judge(runs, 10.0, _row(None, 150.0, 10.2, target=10.0))
     assert verdict["frontier_p99_ms"] is None and verdict["equal_missed"] and verdict["band_missed"]
     assert verdict["within"] and verdict["best_meeting_tok_s"] == 100.0
+    assert verdict["binding"]  # the budget of the most throughput (64: 30 ms) misses 10 ms
+
+
+def test_a_target_the_fullest_fixed_budget_meets_does_not_bind():
+    runs = [_row(32, 100.0, 9.0), _row(64, 110.0, 10.5), _row(128, 108.0, 30.0)]
+    assert not sb.judge(runs, 10.0, _row(None, 111.0, 10.2, target=10.0))["binding"]  # 64 serves most, in 10%
+    assert sb.judge(runs, 9.0, _row(None, 111.0, 9.2, target=9.0))["binding"]
 
 
 def test_chat_and_documents_workload():
