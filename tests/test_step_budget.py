@@ -134,3 +134,45 @@ def test_admits_keeps_the_decodes_within_the_aim():
     for running, ctx in [(10, 0), (30, 0), (31, 500), (33, 0), (20, 5000)]:
         assert budget.admits(running, ctx) == fits(running + 1, ctx), (running, ctx)
     assert budget.admits(0, 10 ** 6)
+
+
+def test_each_sequence_beyond_the_first_pays_its_own_cost_in_the_budget():
+    """The budget counts the running requests and one new sequence; a step that admits more
+    sets aside the model's per-sequence cost (c / b tokens) for each further one, so a burst
+    of short prompts is not packed as if sequences were free. A step costs 1 ms + 0.05 ms a
+    token + 1 ms a sequence here: 20 tokens a sequence."""
+    from cbkernels.engine.cache import PagedAttentionCache
+    from cbkernels.engine.requests import Request, SamplingParams
+    from cbkernels.engine.scheduler import FIFOScheduler
+
+    cache = PagedAttentionCache(512, 4, 128, num_layers=1, num_kv_heads=1, head_dim=8)
+    sched = FIFOScheduler(cache, 128, max_num_seqs=64, target_itl_ms=8.0)
+    n = 0
+
+    def add(prompt_len, max_new):
+        nonlocal n
+        prompt = [rng.randrange(1, 10_000) for _ in range(prompt_len)]  # no prefix-cache hits
+        sched.add(Request(f"r{n}", prompt_len, prompt, SamplingParams(max_new_tokens=max_new)))
+        n += 1
+
+    rng = random.Random(0)
+    checked = 0
+    for step in range(400):
+        if step % 12 == 0:
+            for _ in range(rng.randint(3, 6)):
+                add(rng.randint(8, 16), rng.randint(1, 6))
+        batch = sched.schedule()
+        if step > 100 and len(batch.started) > 1:
+            charge = sched.step_budget.sequence_tokens()
+            assert charge == pytest.approx(20, abs=1)
+            assert batch.total_tokens + charge * (len(batch.started) - 1) <= sched.last_budget
+            checked += 1
+        sampled = [3 if r.num_computed + k == len(r.tokens) else None for r, k in zip(batch.requests, batch.num_tokens)]
+        sched.postprocess(batch, sampled, 0.0)
+        sched.observe_step(batch, (1.0 + 0.05 * batch.total_tokens + 1.0 * len(batch.requests)) / 1e3)
+    assert checked >= 5
+    while sched.has_work():
+        batch = sched.schedule()
+        sched.postprocess(batch, [3 if r.num_computed + k == len(r.tokens) else None
+                                  for r, k in zip(batch.requests, batch.num_tokens)], 0.0)
+    assert cache.get_num_free_blocks() == cache.num_blocks

@@ -53,6 +53,14 @@ class AdaptiveScheduling:
             self.deferred_by_target += 1
         return False
 
+    def _sequence_charge(self, batch) -> int:
+        """Tokens to set aside for one more sequence joining this step: the step budget counts
+        the running requests and one new sequence; each further one costs its per-sequence
+        time (``StepBudget.sequence_tokens``). 0 without ``target_itl_ms``."""
+        if self.step_budget is None or not batch.started:
+            return 0
+        return self.step_budget.sequence_tokens()
+
     def _victim(self, batch):
         """The running request to preempt: not scheduled in this step, lowest priority, newest."""
         if len(self._priorities) <= 1:
@@ -66,7 +74,7 @@ class AdaptiveScheduling:
     def observe_step(self, batch, seconds: float) -> None:
         """After a step: its wall time feeds the step-time model (``target_itl_ms``)."""
         if self.step_budget is not None and batch.requests:
-            self.step_budget.observe(self._step_start_budget - self._budget, len(batch.requests), seconds)
+            self.step_budget.observe(batch.total_tokens, len(batch.requests), seconds)
 
     def mean_budget(self) -> float:
         return self._budget_total / self.steps if self.steps else float(self.max_batch_tokens)

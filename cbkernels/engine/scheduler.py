@@ -333,12 +333,16 @@ class Scheduler(AdaptiveScheduling):
                 return  # the predicted peak would not fit: wait for running requests to finish
             if self.step_budget is not None and not self._target_admits(req, batch):
                 return  # the decodes with it would not keep to target_itl_ms: wait for some to finish
+            charge = self._sequence_charge(batch)  # target_itl_ms: what one more sequence costs, in tokens
+            if charge >= self._budget:
+                return
             copies = self.cache.match_prefix(req)
-            n = min(req.remaining, self._budget)
+            n = min(req.remaining, self._budget - charge)
             if self.cache.blocks_needed(req, n) > self.cache.get_num_free_blocks():
                 self._undo_admission(req)  # wait for blocks to come back
                 return
             self.waiting.popleft()
+            self._budget -= charge
             self.running[req] = None
             batch.started.append(req)
             if req.predicted_output is None:

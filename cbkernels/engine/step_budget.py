@@ -20,7 +20,10 @@ and came down only after a burst's first steps had overshot. Decodes always fit 
 budget never drops below the running requests), so what shrinks is the prefill packed
 beside them; ``admits`` keeps a new sequence waiting while the running ones' decodes,
 predicted with it, would leave the target (a prefill budget cannot shorten those steps).
-Until ``WARMUP_STEPS`` steps were seen the budget ramps up from a small value, which also
+``level``, a fast moving average of time over prediction, follows the machine's speed
+(a slow spell moves it within a few steps); the model fits the times divided by it, so its
+coefficients stay those of the usual speed through a spell, and the aim is
+``scale * target / level`` in the model's units. Until ``WARMUP_STEPS`` steps were seen the budget ramps up from a small value, which also
 gives the fit a spread of step sizes.
 """
 from __future__ import annotations
@@ -140,6 +143,14 @@ class StepBudget:
         if b <= 0.0:
             return self.max_batch_tokens if room > 0 else floor
         return max(floor, min(self.max_batch_tokens, int(room / b)))
+
+    def sequence_tokens(self) -> int:
+        """A sequence's own cost in a step (the model's per-sequence term) as tokens of the
+        budget: what admitting one more sequence than the budget counted takes from it."""
+        m = self.model
+        if m.steps < WARMUP_STEPS or m.coef is None or m.coef[1] <= 0.0:
+            return 0
+        return math.ceil(m.coef[2] / m.coef[1])
 
     def aim_ms(self) -> float:
         """What a step may take in the model's units (the machine's usual speed)."""
