@@ -119,7 +119,8 @@ def test_budget_aims_at_the_noise_quantile_from_the_first_burst(noise_p99):
 
 def test_admits_keeps_the_decodes_within_the_aim():
     """Once fitted, a new sequence is admitted only while a step of the running decodes and
-    it is predicted to fit the aim; with nothing running it is always admitted."""
+    it, reading the given history, is predicted to fit the aim; with nothing running it is
+    always admitted."""
     target, state = 20.0, {"ctx": 1000}
     budget = StepBudget(target, 512, context=lambda: state["ctx"])
     rng = random.Random(0)
@@ -132,7 +133,7 @@ def test_admits_keeps_the_decodes_within_the_aim():
     assert aim == pytest.approx(target, rel=0.05)  # no noise: the whole target
     fits = lambda n, ctx: 1.0 + 0.05 * n + 0.5 * n + 0.001 * (1000 + ctx) <= aim  # noqa: E731
     for running, ctx in [(10, 0), (30, 0), (31, 500), (33, 0), (20, 5000)]:
-        assert budget.admits(running, ctx) == fits(running + 1, ctx), (running, ctx)
+        assert budget.admits(running, 1000 + ctx) == fits(running + 1, ctx), (running, ctx)
     assert budget.admits(0, 10 ** 6)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .admission import PredictiveAdmission
+from .admission import QUANTILE, PredictiveAdmission
 from .config import ADMISSIONS
 from .length_model import LengthModel
 from .metrics import scheduling_snapshot
@@ -43,10 +43,14 @@ class AdaptiveScheduling:
         return sum(r.num_computed for r in self.running)
 
     def _target_admits(self, req, batch) -> bool:
-        """``target_itl_ms``: whether the running decodes, with ``req`` and this step's other
-        admissions, are predicted to keep to the target (``StepBudget.admits``)."""
-        joining = req.prompt_len + sum(r.prompt_len for r in batch.started)
-        if self.step_budget.admits(len(self.running), joining):
+        """``target_itl_ms``: whether the decodes of the running requests and ``req`` are
+        predicted to keep to the target when their histories have grown to their predicted
+        ends (a running request's prompt and predicted output, or what it computed if it ran
+        past that): a history grows a token a step, so decodes admitted at the target's edge
+        would leave it as they run (``StepBudget.admits``)."""
+        ends = sum(max(r.num_computed, r.prompt_len + (r.predicted_output or 0)) for r in self.running)
+        own = self.length_model.predict(req.prompt_len, req.params.max_new_tokens, 0, QUANTILE)
+        if self.step_budget.admits(len(self.running), ends + req.prompt_len + own):
             return True
         if self._target_deferred_head is not req:
             self._target_deferred_head = req

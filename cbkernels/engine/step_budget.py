@@ -37,7 +37,7 @@ WARMUP_STEPS = 16
 REFIT_EVERY = 4
 MIN_SCALE, MAX_SCALE = 0.1, 1.5
 QUANTILE, QUANTILE_FORGET, QUANTILE_MIN_STEPS = 0.99, 0.998, 32
-LEVEL_RATE = 0.2
+LEVEL_RATE, ANCHOR_RATE = 0.2, 0.002
 
 
 class RatioQuantile:
@@ -92,6 +92,12 @@ class StepTimeModel:
         a, b, c, d = self.coef
         return a + b * tokens + c * seqs + d * context
 
+    def rescale(self, k: float) -> None:
+        """Measure times in units ``k`` times smaller: every coefficient times ``k``."""
+        self.xty *= k
+        if self.coef is not None:
+            self.coef = tuple(k * c for c in self.coef)
+
     def observe(self, tokens: int, seqs: int, ms: float, context: int = 0) -> None:
         x = np.array([1.0, tokens, seqs, context])
         self.xtx = self.forget * self.xtx + np.outer(x, x)
@@ -119,6 +125,7 @@ class StepBudget:
         self.scale = 1.0  # the share of the target the model aims at: 1 / the ratios' 99th percentile
         self.ratios = RatioQuantile()  # a step's time over the model's prediction, weighted by its sequences
         self.level = 1.0  # the recent steps' time over prediction (a moving average): a machine's slow spell
+        self._level_mean = 1.0  # the level's slow moving average (``_anchor``)
         self.floor_steps = 0  # steps whose decodes alone were predicted to take longer than the aim
         if context is not None and not callable(context):
             raise TypeError(f"context must be a callable or None, got {type(context).__name__}")
@@ -144,6 +151,17 @@ class StepBudget:
             return self.max_batch_tokens if room > 0 else floor
         return max(floor, min(self.max_batch_tokens, int(room / b)))
 
+    def _anchor(self) -> None:
+        """Keep the level's long-run mean at 1: the model fits times divided by the level, so
+        a noisy level could drift one way and the model's units the other (the fit of
+        ``ms / level`` is biased up when the level is noisy, which lowers the next ratios).
+        Dividing the level by its slow mean and multiplying the model by it changes no
+        prediction; a slow spell is folded into the model only over hundreds of steps."""
+        k = self._level_mean
+        self.level /= k
+        self._level_mean = 1.0
+        self.model.rescale(k)
+
     def sequence_tokens(self) -> int:
         """A sequence's own cost in a step (the model's per-sequence term) as tokens of the
         budget: what admitting one more sequence than the budget counted takes from it."""
@@ -156,14 +174,14 @@ class StepBudget:
         """What a step may take in the model's units (the machine's usual speed)."""
         return self.scale * self.target_ms / self.level
 
-    def admits(self, running: int, new_context: int) -> bool:
-        """Whether a step of decodes only, the running requests' and one more sequence with
-        ``new_context`` tokens of history, is predicted to keep within the aim."""
+    def admits(self, running: int, context: int) -> bool:
+        """Whether a step of decodes only, the ``running`` requests' and one more sequence's,
+        reading ``context`` tokens of history in all, is predicted to keep within the aim."""
         m = self.model
         if m.steps < WARMUP_STEPS or m.coef is None or running == 0:
             return True
         seqs = running + 1
-        return self._fixed_ms(seqs, self._context + new_context) + m.coef[1] * seqs <= self.aim_ms()
+        return self._fixed_ms(seqs, context) + m.coef[1] * seqs <= self.aim_ms()
 
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
         ms = 1e3 * seconds
@@ -174,5 +192,8 @@ class StepBudget:
             ratio = ms / unit  # this step's speed
             self.ratios.add(ratio / self.level, seqs)
             self.level = min(4.0, max(0.25, self.level + LEVEL_RATE * (min(max(ratio, 0.25), 4.0) - self.level)))
+            self._level_mean += ANCHOR_RATE * (self.level - self._level_mean)
+            if m.steps % REFIT_EVERY == 0:
+                self._anchor()
             if self.ratios.count >= QUANTILE_MIN_STEPS:
                 self.scale = min(MAX_SCALE, max(MIN_SCALE, 1.0 / self.ratios.value()))
