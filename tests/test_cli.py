@@ -27,6 +27,9 @@ def run_cli(*args, stdin=""):
     (["generate", "--num-blocks", "-4"], "--num-blocks must be positive"),
     (["generate", "--model", "/nonexistent/model", "hi"], "no such file or directory"),
     (["generate", "--scheduler", "random"], "invalid choice"),
+    (["generate", "--target-itl-ms", "-5"], "--target-itl-ms must be positive"),
+    (["generate", "--target-itl-ms", "inf"], "--target-itl-ms must be positive"),
+    (["generate", "--admission", "lucky"], "invalid choice"),
     (["nonsense"], "invalid choice"),
     (["generate", ""], "empty prompt"),
 ])
@@ -64,18 +67,21 @@ def test_generate_on_the_embedded_model(tmp_path):
     prompts.write_text('{"prompt": "What is the capital of France?"}\n'
                        '{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}\n')
     out = tmp_path / "run.json"
-    proc = run_cli("generate", "--file", str(prompts), "--max-new-tokens", "8", "--json", str(out), "-q")
+    proc = run_cli("generate", "--file", str(prompts), "--max-new-tokens", "8", "--json", str(out), "-q",
+                   "--admission", "predictive", "--target-itl-ms", "500")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[1] What is the capital of France?" in proc.stdout
     assert "Paris" in proc.stdout
     for row in ("tokens/s", "TTFT p50 / p90", "ITL p50 / p90", "end-to-end p50 / p90", "peak cache occupancy",
                 "prefix cache hit rate", "padding saved vs padded steps", "compute vs one static padded batch",
-                "CPU malloc"):
+                "CPU malloc", "target_itl_ms: deferred admissions / steps at the floor"):
         assert row in proc.stdout
+    assert "(no target_itl_ms)" not in proc.stdout
     record = json.loads(out.read_text())
     assert [r["status"] for r in record["results"]] == ["finished", "finished"]
     assert all(0 < len(r["tokens"]) <= 8 for r in record["results"])
     assert record["metrics"]["cache_free_blocks"] == record["metrics"]["cache_num_blocks"]
+    assert record["metrics"]["admission"] == "predictive" and record["metrics"]["target_itl_ms"] == 500.0
 
 
 class _WouldLoadModel(Exception):
@@ -87,7 +93,7 @@ _NUMBERS = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, all
 _OPTIONS = {
     "--max-new-tokens": _NUMBERS, "--num-blocks": _NUMBERS, "--block-size": _NUMBERS,
     "--max-batch-tokens": _NUMBERS, "--temperature": _NUMBERS, "--top-k": _NUMBERS, "--top-p": _NUMBERS,
-    "--seed": _NUMBERS, "--scheduler": st.text(max_size=12), "--file": st.text(max_size=20),
+    "--seed": _NUMBERS, "--target-itl-ms": _NUMBERS, "--scheduler": st.text(max_size=12), "--file": st.text(max_size=20),
     "--model": st.text(max_size=20), "--json": st.text(max_size=20), "--device": st.text(max_size=6),
 }
 

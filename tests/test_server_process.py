@@ -26,6 +26,7 @@ from cbkernels.server.testing import free_port
     (["--drain-timeout", "nan"], "--drain-timeout"),
     (["--model", "/no/such/model"], "--model"),
     (["--api-key", " "], "--api-key"),
+    (["--target-itl-ms", "0"], "--target-itl-ms"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
     assert main(["serve", *argv]) == 2
@@ -78,7 +79,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_dir):
     env.update(CBKERNELS_API_KEY=key, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "cbkernels", "serve", "--model", str(tiny_model_dir),
                              "--port", str(port), "--num-blocks", "300", "--drain-timeout", "1",
-                             "--served-model-name", "tiny"],
+                             "--served-model-name", "tiny", "--target-itl-ms", "1000"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     try:
@@ -94,6 +95,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_dir):
             time.sleep(0.3)
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from CBKERNELS_API_KEY
         assert [m["id"] for m in httpx.get(url + "/v1/models", headers=auth).json()["data"]] == ["tiny"]
+        assert "cbkernels_target_itl_ms 1000.0" in httpx.get(url + "/metrics", headers=auth).text  # the flag reached the engine
         body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=60) as resp:
             lines = resp.iter_lines()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..prompts import PromptError, collect_prompts, encode
 from ..engine.metrics import percentile
-from ..engine.scheduler_names import SCHEDULER_NAMES
+from ..engine.scheduler_names import ADMISSIONS, SCHEDULER_NAMES
 from . import tensor_parallel as tp
 from .common import UsageError, load_model_for_cli
 
@@ -32,6 +32,7 @@ def check_numbers(args) -> None:
     _positive("--max-batch-tokens", args.max_batch_tokens)
     _positive("--temperature", args.temperature, allow_zero=True)
     _positive("--top-k", args.top_k, allow_zero=True)
+    _positive("--target-itl-ms", args.target_itl_ms)
     if not (0.0 < args.top_p <= 1.0):
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.block_size & (args.block_size - 1):
@@ -154,8 +155,12 @@ def run_generate(args) -> int:
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
     gen_config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.do_sample, **sampling)
     num_blocks = args.num_blocks or workload_blocks([len(e) for e in encoded], args.max_new_tokens, args.block_size)
-    config = BatchConfig(num_blocks=num_blocks, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
-                         scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
+    try:
+        config = BatchConfig(num_blocks=num_blocks, block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
+                             scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                             admission=args.admission, target_itl_ms=args.target_itl_ms)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     engine = tp.make_engine(model, config, tok) if args.tp > 1 else Engine(model, config)
     if not tp.leads(engine):
         return tp.follow_and_exit(engine)
@@ -221,6 +226,10 @@ def add_parser(sub) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget of one step")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="fifo")
+    p.add_argument("--admission", choices=ADMISSIONS, default="greedy",
+                   help="predictive: start a request only while the predicted peak of the cache fits")
+    p.add_argument("--target-itl-ms", type=float, default=None,
+                   help="size each step's token budget to keep p99 inter-token latency at this many ms")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-stream", action="store_true", help="do not stream a single prompt's tokens")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

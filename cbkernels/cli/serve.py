@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from ..engine.scheduler_names import SCHEDULER_NAMES
+from ..engine.scheduler_names import ADMISSIONS, SCHEDULER_NAMES
 from . import tensor_parallel as tp
 from .common import UsageError
 
@@ -31,6 +31,8 @@ def _check(args) -> None:
         raise UsageError(f"--drain-timeout must be a non-negative number of seconds, got {args.drain_timeout}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
+    if args.target_itl_ms is not None and not (math.isfinite(args.target_itl_ms) and args.target_itl_ms > 0):
+        raise UsageError(f"--target-itl-ms must be a positive number of milliseconds, got {args.target_itl_ms}")
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model: no such file or directory: {args.model}")
     if args.api_key is not None and not args.api_key.strip():
@@ -65,7 +67,8 @@ def run_serve(args) -> int:
     try:
         config = BatchConfig(num_blocks=args.num_blocks, block_size=args.block_size,
                              max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                             scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                             scheduler=args.scheduler, prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                             admission=args.admission, target_itl_ms=args.target_itl_ms)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if args.tp > 1:  # every rank loads its shard; rank 0 serves HTTP, the others follow its steps
@@ -115,6 +118,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget of one engine step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="fifo")
+    p.add_argument("--admission", choices=ADMISSIONS, default="greedy",
+                   help="predictive: start a request only while the predicted peak of the cache fits")
+    p.add_argument("--target-itl-ms", type=float, default=None,
+                   help="size each step's token budget to keep p99 inter-token latency at this many ms")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's sampling generator")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

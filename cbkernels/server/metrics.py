@@ -4,7 +4,8 @@ Measured by the server as requests end: time to first token and inter-token late
 (histograms, from each request's ``RequestOutput``), end-to-end latency, prompt and generated
 tokens, finished requests by reason, HTTP requests by status code. Read from the engine at
 scrape time: running and waiting requests, cache blocks (total, free, occupancy), prefix
-cache hit rate, preemptions, steps.
+cache hit rate, preemptions, steps; the scheduler's recomputed tokens, deferred admissions
+and, with ``target_itl_ms``, the target, the step budget and its aim.
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ ENGINE_FIELDS = {
     "preemptions": ("preemptions", "counter", "requests preempted (recomputed later) for lack of blocks"),
     "steps": ("engine_steps", "counter", "engine steps run"),
     "generated_tokens": ("engine_generated_tokens", "counter", "tokens the engine generated"),
+    "recomputed_tokens": ("recomputed_tokens", "counter", "computed tokens preemption dropped and admission recomputed"),
+    "admissions_deferred_by_prediction": ("admissions_deferred_by_prediction", "counter",
+                                          "requests predictive admission held back at least once"),
+    "target_itl_ms": ("target_itl_ms", "gauge", "the inter-token latency target the step budget keeps to (if set)"),
+    "step_budget_tokens": ("step_budget_tokens", "gauge", "the last engine step's token budget"),
+    "step_budget_scale": ("step_budget_scale", "gauge", "the share of target_itl_ms the median step aims at"),
+    "admissions_deferred_by_target": ("admissions_deferred_by_target", "counter",
+                                      "requests kept waiting because the decodes with them would miss target_itl_ms"),
 }
 
 
