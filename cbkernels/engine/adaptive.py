@@ -33,7 +33,7 @@ class AdaptiveScheduling:
             target_itl_ms, self.max_batch_tokens, context=self._running_context)
         self.recomputed_tokens = 0  # computed tokens preemption dropped and admission had to compute again
         self._priorities: set[int] = set()  # priorities ever queued: one means preemption's fast path
-        self._step_start_budget = self.last_budget = self.max_batch_tokens
+        self.last_budget = self.max_batch_tokens
         self._budget_total = 0
         self.deferred_by_target = 0  # admissions held back because the decodes with them would miss the target
         self._target_deferred_head = None
@@ -42,7 +42,7 @@ class AdaptiveScheduling:
         """The tokens the running requests have computed: the KV a step's decodes read."""
         return sum(r.num_computed for r in self.running)
 
-    def _target_admits(self, req, batch) -> bool:
+    def _target_admits(self, req) -> bool:
         """``target_itl_ms``: whether the decodes of the running requests and ``req`` are
         predicted to keep to the target when their histories have grown to their predicted
         ends (a running request's prompt and predicted output, or what it computed if it ran

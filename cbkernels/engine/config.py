@@ -14,7 +14,6 @@ BACKENDS = ("auto", *_BACKEND_CLASSES)
 # KV-cache element formats: "auto" stores K/V in the model's dtype; the fp8 formats store one
 # byte an element with per-layer, per-KV-head fp32 scales (docs/fp8.md).
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
-# How waiting requests are admitted (docs/scheduling.md).
 
 
 @dataclass(slots=True)

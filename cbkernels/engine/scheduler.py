@@ -112,7 +112,7 @@ class Scheduler(AdaptiveScheduling):
         batch = ScheduledBatch()
         self.steps += 1
         budget = self.max_batch_tokens if self.step_budget is None else self.step_budget.budget(len(self.running))
-        self._budget = self._step_start_budget = self.last_budget = budget
+        self._budget = self.last_budget = budget
         self._budget_total += budget
         if self.predictive is not None:
             self.predictive.tick()
@@ -331,7 +331,7 @@ class Scheduler(AdaptiveScheduling):
                 continue
             if self.predictive is not None and self.running and not self.predictive.admits(req, self.steps):
                 return  # the predicted peak would not fit: wait for running requests to finish
-            if self.step_budget is not None and not self._target_admits(req, batch):
+            if self.step_budget is not None and not self._target_admits(req):
                 return  # the decodes with it would not keep to target_itl_ms: wait for some to finish
             charge = self._sequence_charge(batch)  # target_itl_ms: what one more sequence costs, in tokens
             if charge >= self._budget:

@@ -23,8 +23,8 @@ predicted with it, would leave the target (a prefill budget cannot shorten those
 ``level``, a fast moving average of time over prediction, follows the machine's speed
 (a slow spell moves it within a few steps); the model fits the times divided by it, so its
 coefficients stay those of the usual speed through a spell, and the aim is
-``scale * target / level`` in the model's units. Until ``WARMUP_STEPS`` steps were seen the budget ramps up from a small value, which also
-gives the fit a spread of step sizes.
+``scale * target / level`` in the model's units. Until ``WARMUP_STEPS`` steps were seen
+the budget ramps up from a small value, which also gives the fit a spread of step sizes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class RatioQuantile:
     bounded memory, the value rounded up to its bin's upper edge (2% wide)."""
 
     LOG_LO, LOG_HI, BINS = -1.0, 2.0, 150
+    WIDTH = (LOG_HI - LOG_LO) / BINS
 
     def __init__(self, q: float = QUANTILE, forget: float = QUANTILE_FORGET):
         if not 0.0 < q < 1.0:
@@ -58,8 +59,7 @@ class RatioQuantile:
     def add(self, ratio: float, weight: float = 1.0) -> None:
         if not ratio > 0 or not weight > 0:
             return
-        width = (self.LOG_HI - self.LOG_LO) / self.BINS
-        i = min(self.BINS - 1, max(0, int((math.log(ratio) - self.LOG_LO) // width)))
+        i = min(self.BINS - 1, max(0, int((math.log(ratio) - self.LOG_LO) // self.WIDTH)))
         self.weights *= self.forget
         self.weights[i] += weight
         self.total = self.forget * self.total + weight
@@ -71,8 +71,7 @@ class RatioQuantile:
             return None
         above = np.cumsum(self.weights[::-1])  # above[k]: weight in the top k + 1 bins
         k = int(np.searchsorted(above, (1.0 - self.q) * self.total, side="right"))
-        width = (self.LOG_HI - self.LOG_LO) / self.BINS
-        return math.exp(self.LOG_LO + (self.BINS - k) * width)
+        return math.exp(self.LOG_LO + (self.BINS - k) * self.WIDTH)
 
 
 class StepTimeModel:
@@ -132,6 +131,9 @@ class StepBudget:
         self.context = context  # () -> the running requests' computed tokens
         self._context = 0  # at the last budget() call: what observe() pairs the step's time with
 
+    def _fitted(self) -> bool:
+        return self.model.steps >= WARMUP_STEPS and self.model.coef is not None
+
     def _fixed_ms(self, seqs: int, ctx: float) -> float:
         a, _, c, d = self.model.coef
         return a + c * seqs + d * ctx
@@ -140,7 +142,7 @@ class StepBudget:
         floor = min(self.max_batch_tokens, max(1, running))
         m = self.model
         self._context = ctx = self.context() if self.context is not None else 0
-        if m.steps < WARMUP_STEPS or m.coef is None:
+        if not self._fitted():
             ramp = max(16, self.max_batch_tokens * (m.steps + 1) // (4 * WARMUP_STEPS))
             return max(floor, min(self.max_batch_tokens, ramp))
         b = m.coef[1]
@@ -165,10 +167,9 @@ class StepBudget:
     def sequence_tokens(self) -> int:
         """A sequence's own cost in a step (the model's per-sequence term) as tokens of the
         budget: what admitting one more sequence than the budget counted takes from it."""
-        m = self.model
-        if m.steps < WARMUP_STEPS or m.coef is None or m.coef[1] <= 0.0:
+        if not self._fitted() or self.model.coef[1] <= 0.0:
             return 0
-        return math.ceil(m.coef[2] / m.coef[1])
+        return math.ceil(self.model.coef[2] / self.model.coef[1])
 
     def aim_ms(self) -> float:
         """What a step may take in the model's units (the machine's usual speed)."""
@@ -177,11 +178,10 @@ class StepBudget:
     def admits(self, running: int, context: int) -> bool:
         """Whether a step of decodes only, the ``running`` requests' and one more sequence's,
         reading ``context`` tokens of history in all, is predicted to keep within the aim."""
-        m = self.model
-        if m.steps < WARMUP_STEPS or m.coef is None or running == 0:
+        if not self._fitted() or running == 0:
             return True
         seqs = running + 1
-        return self._fixed_ms(seqs, context) + m.coef[1] * seqs <= self.aim_ms()
+        return self._fixed_ms(seqs, context) + self.model.coef[1] * seqs <= self.aim_ms()
 
     def observe(self, tokens: int, seqs: int, seconds: float) -> None:
         ms = 1e3 * seconds
